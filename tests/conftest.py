@@ -1,0 +1,30 @@
+"""Test set-up: CPU backend with 8 fake devices (set before jax is imported), float32 matmuls, jaxtyping checks."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+from jaxtyping import install_import_hook  # noqa: E402
+
+# Shape/dtype annotations of the package are checked at call (and trace) time during the tests only.
+install_import_hook(["sammed3d_jax"], "beartype.beartype")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_fixture_dir() -> pathlib.Path:
+    return FIXTURES / "upstream_tiny"
