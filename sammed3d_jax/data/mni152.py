@@ -58,7 +58,8 @@ def tissue_labels(
     if not gm_prob.shape == wm_prob.shape == brain_mask.shape:
         raise ValueError(f"shape mismatch: gm {gm_prob.shape}, wm {wm_prob.shape}, brain {brain_mask.shape}")
     rest = np.clip(1.0 - gm_prob - wm_prob, 0.0, 1.0)
-    labels = (np.argmax(np.stack([gm_prob, wm_prob, rest]), axis=0) + 1).astype(np.uint8)
+    # Elementwise argmax (ties to the lower label); np.argmax over a stacked axis is several times slower here.
+    labels = np.where((gm_prob >= wm_prob) & (gm_prob >= rest), 1, np.where(wm_prob >= rest, 2, 3)).astype(np.uint8)
     labels[brain_mask == 0] = 0
     return labels
 

@@ -97,13 +97,13 @@ def test_mni152_three_tissue_targets_without_network(tmp_path, monkeypatch):
         raise AssertionError("mni152 tried to open a network connection")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    out = mni152.make_mni152_dataset(tmp_path / "mni", resolution=2)
+    out = mni152.make_mni152_dataset(tmp_path / "mni", resolution=1)
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["labels"] == {"background": 0, "grey_matter": 1, "white_matter": 2, "csf": 3}
     image, affine = _load(out / "imagesTr" / "mni152_0000.nii.gz")
     labels, label_affine = _load(out / "labelsTr" / "mni152.nii.gz")
     np.testing.assert_array_equal(affine, label_affine)
-    assert "".join(nib.aff2axcodes(affine)) == "RAS" and np.allclose(np.diag(affine)[:3], 2.0)
+    assert "".join(nib.aff2axcodes(affine)) == "RAS" and np.allclose(np.diag(affine)[:3], 1.0)
     assert set(np.unique(labels)) == {0, 1, 2, 3}
     means = {k: image[labels == k].mean() for k in (1, 2, 3)}
     assert means[2] > means[1] > means[3]  # T1 contrast: white > grey > CSF
