@@ -194,7 +194,8 @@ def read_label(path: PathLike) -> tuple[Integer[np.ndarray, "h w d"], Geometry]:
     if fractional.any():
         examples = np.unique(data[fractional])[:3].tolist()
         raise DataFileError(
-            path, f"label map has {int(fractional.sum())} non-integer voxels (e.g. {examples}); labels must be whole numbers"
+            path,
+            f"label map has {int(fractional.sum())} non-integer voxels (e.g. {examples}); labels must be whole numbers",
         )
     if data.size and (data.min() < np.iinfo(np.int32).min or data.max() > np.iinfo(np.int32).max):
         raise DataFileError(path, f"label values outside the int32 range ({data.min()}..{data.max()})")
@@ -211,7 +212,9 @@ def _ras_transform(geom: Geometry) -> tuple[np.ndarray, np.ndarray]:
     return ornt, geom.affine @ inv_ornt_aff(ornt, geom.shape)
 
 
-def reorient_to_ras(array: Shaped[np.ndarray, "h w d *c"], geom: Geometry) -> tuple[Shaped[np.ndarray, "..."], Geometry]:
+def reorient_to_ras(
+    array: Shaped[np.ndarray, "h w d *c"], geom: Geometry
+) -> tuple[Shaped[np.ndarray, "..."], Geometry]:
     """Permutes/flips the spatial axes so that they point to R, A, S (torchio ``ToCanonical``).
 
     Oblique affines go to the closest RAS axes (``nib.io_orientation``); no interpolation happens. Extra
