@@ -34,9 +34,15 @@ _EXACT_TO_F32 = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.
 class ConversionError(ValueError):
     """A state dict or variable tree does not match the model layout. ``problems`` lists each one."""
 
-    def __init__(self, message: str, problems: list[str]):
-        super().__init__(message)
-        self.problems = problems
+    def __init__(self, header: str, problems: list[str]):
+        super().__init__(header + "\n  - " + "\n  - ".join(problems))
+        self.header, self.problems = header, problems
+
+    def summary(self, limit: int = 25) -> str:
+        """The message with at most ``limit`` problems listed (for command lines)."""
+        more = len(self.problems) - limit
+        lines = self.problems[:limit] + ([f"... and {more} more"] if more > 0 else [])
+        return self.header + "\n  - " + "\n  - ".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +196,9 @@ def _raise(problems, what, cfg):
         head = (f"{what} does not match the model layout (image_size={cfg.image_size}, "
                 f"encoder {cfg.encoder_embed_dim}x{cfg.encoder_depth}, prompt dim {cfg.prompt_embed_dim}): "
                 f"{len(problems)} problem(s)")
-        raise ConversionError(head + "\n  - " + "\n  - ".join(problems), problems)
+        if len(problems) > len(conversion_table(cfg)) // 2:
+            head += "; most entries disagree, so check that the model config (--config) is the right one"
+        raise ConversionError(head, problems)
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:

@@ -1,0 +1,191 @@
+"""Converted-weights directories: an Orbax params checkpoint plus a JSON description beside it.
+
+Layout of a params directory::
+
+    <dir>/params/            Orbax (StandardCheckpointer) tree {"params": ..., "buffers": ...}, float32
+    <dir>/sammed3d_jax.json  {"format", "model_config", "parameter_count", "buffer_element_count", "leaf_count",
+                              "source", "source_sha256", "source_format", "source_key_count", ...}
+
+The JSON is written last, so its presence marks a complete directory. Training and evaluation load weights only
+through :func:`load_params` / :func:`load_variables`; they never read ``.pth`` files themselves.
+
+Owns: ``save_params``, ``load_params``, ``load_variables``, ``resolve_config``, ``file_sha256``. Imports numpy,
+orbax and the checkpoint/model-config modules; must not import torch, flax or the model modules.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from sammed3d_jax.checkpoint.pth_reader import CheckpointError, detect_format, read_state_dict
+from sammed3d_jax.checkpoint.torch_convert import (abstract_variables, check_variables, conversion_table,
+                                                   count_parameters, torch_to_flax)
+from sammed3d_jax.model.config import VARIANTS, ModelConfig
+
+FORMAT = "sammed3d_jax.params/v1"
+METADATA_FILE = "sammed3d_jax.json"
+PARAMS_SUBDIR = "params"
+
+
+def resolve_config(spec: ModelConfig | str | os.PathLike | None) -> ModelConfig:
+    """A ModelConfig from a variant name (``"vit_b_ori"``), a config JSON path, a ModelConfig, or None (vit_b_ori).
+
+    Raises:
+        ValueError: naming ``spec`` if it is neither a known variant nor a readable config file.
+    """
+    if spec is None:
+        return ModelConfig.variant("vit_b_ori")
+    if isinstance(spec, ModelConfig):
+        return spec
+    if str(spec) in VARIANTS:
+        return ModelConfig.variant(str(spec))
+    if os.path.isfile(spec):
+        return ModelConfig.from_json(spec)
+    raise ValueError(f"--config {spec!s}: neither a model variant ({', '.join(sorted(VARIANTS))}) nor a config file")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_params_dir(directory: str | os.PathLike) -> bool:
+    """True if ``directory`` looks like a converted params directory (has the JSON description)."""
+    return os.path.isfile(os.path.join(directory, METADATA_FILE))
+
+
+def _to_numpy_f32(variables):
+    if isinstance(variables, Mapping):
+        return {str(k): _to_numpy_f32(v) for k, v in variables.items()}
+    return np.asarray(variables).astype(np.float32, copy=False)
+
+
+def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg: ModelConfig,
+                meta: Mapping[str, Any] | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+    """Writes ``variables`` as an Orbax params checkpoint plus ``sammed3d_jax.json``.
+
+    Args:
+        directory: the params directory; must not exist or be empty (or be a params directory with ``overwrite``).
+        variables: ``{"params": ..., "buffers": ...}`` matching ``cfg`` exactly (checked first).
+        cfg: the model configuration, stored in the JSON.
+        meta: extra JSON-serialisable facts, e.g. ``source``, ``source_sha256``, ``source_key_count``.
+        overwrite: replace an existing params directory (never any other non-empty directory).
+
+    Returns:
+        The metadata dict written to the JSON.
+
+    Raises:
+        ConversionError: the tree does not match ``cfg``. FileExistsError: the directory is in use.
+    """
+    import orbax.checkpoint as ocp
+
+    check_variables(variables, cfg)
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists() and any(directory.iterdir()):
+        if not (overwrite and is_params_dir(directory)):
+            raise FileExistsError(f"{directory}: exists and is not empty; choose a new directory"
+                                  + ("" if overwrite else " (or overwrite an earlier conversion with --overwrite)"))
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    counts = count_parameters(variables)
+    metadata = {
+        "format": FORMAT,
+        "model_config": cfg.to_dict(),
+        "parameter_count": counts["parameters"],
+        "buffer_element_count": counts["buffer_elements"],
+        "leaf_count": counts["leaves"],
+        **dict(meta or {}),
+    }
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / PARAMS_SUBDIR, _to_numpy_f32(variables))
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+    return metadata
+
+
+def load_params(directory: str | os.PathLike) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
+    """Loads a params directory written by :func:`save_params` (e.g. by ``python -m sammed3d_jax.convert``).
+
+    Returns:
+        ``(variables, cfg, meta)``: variables ``{"params", "buffers"}`` of float32 numpy arrays, the stored model
+        config, and the JSON metadata.
+
+    Raises:
+        CheckpointError: naming the directory if it is not a converted params directory or is damaged.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).absolute()
+    hint = "create one with `python -m sammed3d_jax.convert CHECKPOINT OUT_DIR`"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such params directory; {hint}")
+    if not is_params_dir(directory):
+        raise CheckpointError(f"{directory}: not a converted sammed3d_jax params directory (no {METADATA_FILE}); {hint}")
+    try:
+        meta = json.loads((directory / METADATA_FILE).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+        cfg = ModelConfig.from_dict(meta["model_config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory / METADATA_FILE}: unreadable params description ({e})") from e
+    if not (directory / PARAMS_SUBDIR).is_dir():
+        raise CheckpointError(f"{directory}: the Orbax checkpoint {PARAMS_SUBDIR}/ is missing")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        variables = checkpointer.restore(directory / PARAMS_SUBDIR, abstract_variables(cfg))
+    except Exception as e:  # orbax/tensorstore raise many types; the caller needs the directory named
+        raise CheckpointError(f"{directory}: cannot restore {PARAMS_SUBDIR}/ ({type(e).__name__}: {e})") from e
+    finally:
+        checkpointer.close()
+    variables = _to_numpy_f32(variables)
+    check_variables(variables, cfg)
+    return variables, cfg, meta
+
+
+def convert_file(path: str | os.PathLike, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads an upstream checkpoint file and converts it; returns ``(variables, meta)`` with provenance facts."""
+    state_dict = read_state_dict(path)
+    variables = torch_to_flax(state_dict, cfg)
+    meta = {
+        "source": os.path.basename(os.fspath(path)),
+        "source_sha256": file_sha256(path),
+        "source_format": detect_format(path),
+        "source_key_count": len(state_dict),
+    }
+    return variables, meta
+
+
+def load_variables(source: str | os.PathLike, config: ModelConfig | str | os.PathLike | None = None
+                   ) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
+    """Variables from a converted params directory or directly from a ``.pth``/``.npz``/``.safetensors`` file.
+
+    Args:
+        source: a params directory (its stored config is used) or an upstream checkpoint file.
+        config: for a file, the architecture (variant name, config JSON path or ModelConfig; default vit_b_ori).
+            For a directory it is optional and must describe the same parameter layout as the stored config.
+
+    Returns:
+        ``(variables, cfg, meta)`` as :func:`load_params`.
+
+    Raises:
+        CheckpointError / ConversionError: naming the source; ValueError if ``config`` disagrees with a directory.
+    """
+    if os.path.isdir(source):
+        variables, cfg, meta = load_params(source)
+        if config is not None and conversion_table(resolve_config(config)) != conversion_table(cfg):
+            raise ValueError(f"{source}: stored model config has a different parameter layout than --config {config}")
+        return variables, cfg, meta
+    cfg = resolve_config(config)
+    variables, meta = convert_file(source, cfg)
+    return variables, cfg, meta
