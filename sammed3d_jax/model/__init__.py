@@ -1,1 +1,6 @@
-"""model subpackage."""
+"""Flax Linen modules of SAM-Med3D. jax/flax/numpy only: never imports data, training or ml_collections."""
+
+from sammed3d_jax.model.config import VARIANTS, ModelConfig
+from sammed3d_jax.model.sam import Sam3D, count_params, init_variables, upsample_logits
+
+__all__ = ["VARIANTS", "ModelConfig", "Sam3D", "count_params", "init_variables", "upsample_logits"]

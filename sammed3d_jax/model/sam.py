@@ -1,0 +1,100 @@
+"""Sam3D: the whole model, with ``encode`` (once per volume) and ``decode`` (once per click), and helpers.
+
+    model = Sam3D(cfg)
+    variables = init_variables(cfg, key)                 # {"params": ..., "buffers": ...}
+    emb = model.apply(variables, volume, method=Sam3D.encode)
+    low, iou = model.apply(variables, emb, points, labels, mask_logits, method=Sam3D.decode)
+    full = upsample_logits(low, cfg.image_size)
+
+Shapes and label values are those of ``sammed3d_jax.shapes``. There is no jit in here: callers jit at the top.
+Imports jax/flax only.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from sammed3d_jax.model.attention import EncoderAttention
+from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.image_encoder import ImageEncoder
+from sammed3d_jax.model.mask_decoder import MaskDecoder
+from sammed3d_jax.model.prompt_encoder import PromptEncoder
+
+
+class Sam3D(nn.Module):
+    cfg: ModelConfig
+    attention_cls: type = EncoderAttention
+
+    def setup(self):
+        self.image_encoder = ImageEncoder(self.cfg, self.attention_cls)
+        self.prompt_encoder = PromptEncoder(self.cfg)
+        self.mask_decoder = MaskDecoder(self.cfg)
+
+    def encode(self, volume: Float[Array, "b h w d 1"]) -> Float[Array, "b g0 g1 g2 c"]:
+        """Image embedding of z-normalised volumes ``[b, S, S, S, 1]`` -> ``[b, g, g, g, C]`` (compute dtype)."""
+        return self.image_encoder(volume)
+
+    def dense_pe(self) -> jax.Array:
+        """``[1, g, g, g, C]`` float32 positional encoding of the embedding grid (upstream ``get_dense_pe``)."""
+        return self.prompt_encoder.dense_pe()
+
+    def prompt(self, points, labels, mask_logits, batch: int):
+        """(sparse [b, n+1, C] | None, token_valid [b, n+1] | None, dense [b, g, g, g, C])."""
+        if (points is None) != (labels is None):
+            raise ValueError("points and labels must be given together")
+        return self.prompt_encoder(points, labels, mask_logits, batch)
+
+    def decode(self, image_embedding: jax.Array, points: jax.Array | None, labels: jax.Array | None,
+               mask_logits: jax.Array | None, multimask_output: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Masks for one round of prompts.
+
+        Args:
+            image_embedding: ``[b, g, g, g, C]`` from ``encode``.
+            points: ``[b, n, 3]`` voxel indices in array-axis order, or None for a prompt-less call.
+            labels: ``[b, n]`` int: 1 positive, 0 negative, -1 not-a-point, -2 absent (masked).
+            mask_logits: ``[b, 4g, 4g, 4g, 1]`` previous low-res logits (zeros on the first click, as upstream),
+                or None for the no-mask embedding (never used by upstream's training or inference).
+            multimask_output: False -> mask token 0 (what upstream always uses); True -> the other tokens.
+
+        Returns:
+            (low-res mask logits ``[b, 4g, 4g, 4g, m]`` float32, IoU predictions ``[b, m]`` float32).
+        """
+        batch = points.shape[0] if points is not None else (
+            mask_logits.shape[0] if mask_logits is not None else image_embedding.shape[0])
+        sparse, valid, dense = self.prompt(points, labels, mask_logits, batch)
+        self.sow("intermediates", "sparse_embeddings", sparse)
+        self.sow("intermediates", "dense_embeddings", dense)
+        return self.mask_decoder(image_embedding, self.dense_pe(), sparse, valid, dense, multimask_output)
+
+    def __call__(self, volume, points, labels, mask_logits, multimask_output: bool = False):
+        return self.decode(self.encode(volume), points, labels, mask_logits, multimask_output)
+
+    def _init_all(self, volume, points, labels, mask_logits):
+        """Touches every parameter (the no-mask path too) so ``init`` creates the full tree."""
+        emb = self.encode(volume)
+        self.decode(emb, points, labels, mask_logits)
+        self.prompt(None, None, None, volume.shape[0])
+
+
+def init_variables(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Fresh variables ``{"params", "buffers"}`` with upstream's from-scratch initialisation. Works under
+    ``jax.eval_shape`` (no memory) and ``jax.jit`` (with ``out_shardings``)."""
+    s, g4 = cfg.image_size, cfg.low_res_size
+    volume = jnp.zeros((1, s, s, s, cfg.in_chans), jnp.float32)
+    points = jnp.zeros((1, 1, 3), jnp.float32)
+    labels = jnp.ones((1, 1), jnp.int32)
+    mask = jnp.zeros((1, g4, g4, g4, 1), jnp.float32)
+    variables = Sam3D(cfg).init(key, volume, points, labels, mask, method=Sam3D._init_all)
+    return {"params": variables["params"], "buffers": variables["buffers"]}
+
+
+def upsample_logits(low_res_logits: Float[Array, "b x y z m"], size: int) -> Float[Array, "b s0 s1 s2 m"]:
+    """Trilinear resize of low-res logits to ``size``³, float32, as torch ``interpolate(mode="trilinear",
+    align_corners=False)`` (jax.image.resize's linear method uses the same half-pixel centres and edge clamp)."""
+    b, _, _, _, m = low_res_logits.shape
+    return jax.image.resize(low_res_logits.astype(jnp.float32), (b, size, size, size, m), method="linear")
+
+
+def count_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
