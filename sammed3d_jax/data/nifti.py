@@ -97,7 +97,8 @@ def _load(path: PathLike) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
     except _READ_ERRORS as err:
-        raise DataFileError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from err
+        message = f"not a readable NIfTI file: truncated, corrupt or another format ({type(err).__name__}: {err})"
+        raise DataFileError(path, message) from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataFileError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     return img
@@ -131,7 +132,8 @@ def _read_voxels(img: nib.Nifti1Image, path: PathLike, dtype) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _nonfinite_message(data: np.ndarray) -> str | None:
+def nonfinite_message(data: Shaped[np.ndarray, "..."]) -> str | None:
+    """``"<n> non-finite voxels (<a> NaN, <b> inf)"``, or None when every voxel is finite."""
     bad = ~np.isfinite(data)
     if not bad.any():
         return None
@@ -165,7 +167,7 @@ def read_image(path: PathLike, *, allow_nonfinite: bool = False) -> tuple[Float[
     img = _load(path)
     data = _read_voxels(img, path, np.float32)
     if not allow_nonfinite:
-        message = _nonfinite_message(data)
+        message = nonfinite_message(data)
         if message:
             raise DataFileError(path, message)
     return data, Geometry(img.affine, data.shape)
@@ -187,7 +189,7 @@ def read_label(path: PathLike) -> tuple[Integer[np.ndarray, "h w d"], Geometry]:
         data = _read_voxels(img, path, None)
         return data, Geometry(img.affine, data.shape)
     data = _read_voxels(img, path, np.float64)
-    message = _nonfinite_message(data)
+    message = nonfinite_message(data)
     if message:
         raise DataFileError(path, f"label map has {message}")
     fractional = data != np.round(data)

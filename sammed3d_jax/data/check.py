@@ -1,0 +1,165 @@
+"""Dataset validation: ``python -m sammed3d_jax.data.check DATASET`` and ``validate_record`` for the pipeline.
+
+Owns the list of problems a case can have and their wording: missing files or pairs, unreadable/truncated
+files, 4-D images, NaN/inf voxels, non-integer label values, image/label shape or affine mismatch, empty
+targets (plus what discovery finds: images without labels, undeclared label values). The CLI prints one
+table and exits 1 when it found any problem, 0 on a clean dataset, 2 when DATASET itself is unusable, so it
+can gate scripts. The training pipeline calls ``validate_record`` to skip a bad case with the same message.
+
+Must not import: jax, flax, model/, training/.
+"""
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from sammed3d_jax.data.manifest import Record, load_records
+from sammed3d_jax.data.nifti import DataFileError, nonfinite_message, read_image, read_label
+
+# Image and label grids must agree to this much: direction/spacing entries (mm per voxel) and origin (mm).
+# Loose enough for float32 header rounding by different writers, far below any real misregistration.
+LINEAR_TOL = 1e-4
+ORIGIN_TOL_MM = 1e-3
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with a dataset: the file it concerns and what is wrong, in words."""
+
+    file: str
+    problem: str
+
+
+def _validate_pair(image_path: str, label_path: str, targets: Sequence[Record]) -> list[Problem]:
+    problems = []
+    image = label = None
+    for path, what in ((image_path, "image"), (label_path, "label")):
+        if not os.path.exists(path):
+            other = label_path if what == "image" else image_path
+            problems.append(Problem(path, f"{what} file not found (missing pair of {os.path.basename(other)})"))
+    try:
+        if os.path.exists(image_path):
+            image, image_geom = read_image(image_path, allow_nonfinite=True)
+            message = nonfinite_message(image)
+            if message:
+                problems.append(Problem(image_path, message))
+    except DataFileError as err:
+        problems.append(Problem(image_path, err.problem))
+    try:
+        if os.path.exists(label_path):
+            label, label_geom = read_label(label_path)
+    except DataFileError as err:
+        problems.append(Problem(label_path, err.problem))
+    if image is not None and label is not None:
+        if image_geom.shape != label_geom.shape:
+            problems.append(
+                Problem(label_path, f"shape {label_geom.shape} differs from the image's {image_geom.shape}")
+            )
+        else:
+            diff = np.abs(image_geom.affine - label_geom.affine)
+            if diff[:3, :3].max() > LINEAR_TOL or diff[:3, 3].max() > ORIGIN_TOL_MM:
+                problems.append(
+                    Problem(
+                        label_path,
+                        f"affine differs from the image's (max difference {diff.max():.3g}; image "
+                        f"{''.join(image_geom.orientation)} {image_geom.spacing_mm}, label "
+                        f"{''.join(label_geom.orientation)} {label_geom.spacing_mm})",
+                    )
+                )
+    if label is not None:
+        counts = None
+        for record in targets:
+            if not np.any(label == record.label_value):
+                if counts is None:
+                    counts = np.unique(label).tolist()
+                problems.append(
+                    Problem(
+                        label_path,
+                        f"empty target {record.target!r}: no voxel == {record.label_value} (values present: {counts})",
+                    )
+                )
+    return problems
+
+
+def validate_records(records: Sequence[Record], *, workers: int = 1, progress: bool = False) -> list[Problem]:
+    """Validates records, reading each (image, label) pair once however many targets share it.
+
+    Args:
+        records: what to check.
+        workers: threads reading files (decompression and numpy release the GIL).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        Problems sorted by file, then message; empty when every record is usable.
+    """
+    pairs: dict[tuple[str, str], list[Record]] = {}
+    for record in records:
+        pairs.setdefault((record.image, record.label), []).append(record)
+    problems: list[Problem] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        jobs = [pool.submit(_validate_pair, image, label, targets) for (image, label), targets in pairs.items()]
+        done = concurrent.futures.as_completed(jobs)
+        # disable=None: tqdm shows the bar only when stderr is a terminal (so logs and pipes stay clean).
+        for job in tqdm(done, total=len(jobs), disable=None if progress else True, unit="case", file=sys.stderr):
+            problems += job.result()
+    return sorted(set(problems))
+
+
+def validate_record(record: Record) -> list[Problem]:
+    """All problems of one record (empty list: safe to train on). Used by the training pipeline to skip cases."""
+    return validate_records([record])
+
+
+def format_table(problems: Sequence[Problem], root: str | None = None) -> str:
+    """Problems as a two-column text table; files under ``root`` are shown relative to it."""
+
+    def _short(path):
+        if root and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
+            return os.path.relpath(path, root)
+        return path
+
+    rows = [(_short(p.file), p.problem) for p in problems]
+    width = max([len("file")] + [len(f) for f, _ in rows])
+    lines = [f"{'file':<{width}}  problem", f"{'-' * width}  {'-' * 7}"]
+    lines += [f"{f:<{width}}  {msg}" for f, msg in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 clean, 1 problems found, 2 DATASET unusable)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sammed3d_jax.data.check",
+        description="Validate every case of a dataset folder (upstream or nnU-Net/MSD layout) or a manifest .json.",
+    )
+    parser.add_argument("dataset", help="dataset folder or manifest .json")
+    parser.add_argument("--split", default="Tr", help="labels<split>/images<split> to check (default Tr)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="reader threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        records, found = load_records(args.dataset, split=args.split, workers=args.workers)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    problems = [Problem(f, p) for f, p in found]
+    problems = sorted(set(problems + validate_records(records, workers=args.workers, progress=not args.no_progress)))
+    root = args.dataset if os.path.isdir(args.dataset) else os.path.dirname(os.path.abspath(args.dataset))
+    n_cases = len({(r.image, r.label) for r in records})
+    summary = f"{args.dataset}: {n_cases} cases, {len(records)} targets"
+    if not problems:
+        print(f"{summary}: no problems")
+        return 0
+    print(format_table(problems, root))
+    bad_files = len({p.file for p in problems})
+    print(f"{summary}: {len(problems)} problems in {bad_files} files")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
