@@ -8,7 +8,10 @@ order of ``data/nifti.py`` (any trailing channel axes ride along) and have an in
 
 Order upstream uses at inference (§3.3): resample on the file's grid, then ``reorient_to_ras``, then crop.
 Resampling and reorientation commute except at exact nearest-neighbour ties (a flipped axis turns
-round-half-up into round-half-down), so keep that order for label parity.
+round-half-up into round-half-down), so keep that order for label parity. Pasting a ROI prediction back
+(§3.3 step 10) is one call: ``resample_to_geometry(roi, crop_pad.roi_geometry(ras_geom), original_geom, 0)``.
+Upstream training ignores affines (quirk §6.10): no resampling, no reorientation, arrays in the file's voxel
+order; that is the caller's choice of which of these functions to apply, not a flag here.
 
 Must not import: jax, flax, model/, training/.
 """
@@ -26,9 +29,7 @@ CT_CLIP_HU = (-1000.0, 1000.0)
 MIN_CROP_FOREGROUND = 1000  # upstream redraws a training sample whose crop has <= this many target voxels
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Resampling
-# ----------------------------------------------------------------------------------------------------------
+# --- Resampling ---
 
 
 def spacing_grid(geom: Geometry, target_spacing_mm=(1.5, 1.5, 1.5)) -> Geometry:
@@ -115,15 +116,15 @@ def _resample_general(array, index_map, out_shape, order, fill):
     # within the half-voxel border; points outside get `fill`. Done in slabs to bound the coordinate memory.
     n = np.asarray(array.shape[:3])
     chans = array.reshape(array.shape[:3] + (-1,))
-    out = np.empty(tuple(out_shape) + (chans.shape[-1],), np.float32 if order == 1 else array.dtype)
+    sources = [chans[..., c].astype(np.float32) if order == 1 else chans[..., c] for c in range(chans.shape[-1])]
+    out = np.empty(tuple(out_shape) + (len(sources),), np.float32 if order == 1 else array.dtype)
     slab = max(1, 2_000_000 // max(1, out_shape[1] * out_shape[2]))
     for start in range(0, out_shape[0], slab):
         rows = np.arange(start, min(start + slab, out_shape[0]))
         q = np.stack(np.meshgrid(rows, *map(np.arange, out_shape[1:]), indexing="ij"))
         p = np.tensordot(index_map[:3, :3], q, axes=1) + index_map[:3, 3, None, None, None]
         inside = np.all((p >= -0.5) & (p < (n - 0.5)[:, None, None, None]), axis=0)
-        for c in range(chans.shape[-1]):
-            src = chans[..., c].astype(np.float32) if order == 1 else chans[..., c]
+        for c, src in enumerate(sources):
             vals = scipy.ndimage.map_coordinates(src, p, order=order, mode="nearest", prefilter=False)
             out[start : start + q.shape[1], ..., c] = np.where(inside, vals, fill)
     return out.reshape(tuple(out_shape) + array.shape[3:])
@@ -190,16 +191,13 @@ def resample_to_spacing(
     if tuple(array.shape[:3]) != geom.shape:
         raise ValueError(f"array shape {array.shape} does not start with the geometry's shape {geom.shape}")
     new_geom = spacing_grid(geom, target_spacing_mm)
-    ratio = np.asarray(new_geom.spacing_mm) / np.asarray(geom.spacing_mm)
+    ratio = np.asarray(target_spacing_mm, dtype=np.float64) / np.asarray(geom.spacing_mm)
     n, m = np.asarray(geom.shape), np.asarray(new_geom.shape)
-    ratio = np.where(n == m, np.where(np.isclose(ratio, 1.0, rtol=1e-12, atol=0), 1.0, ratio), ratio)
     maps = [(a, float(ratio[a]), float((n[a] - 1) / 2 - (m[a] - 1) / 2 * ratio[a])) for a in range(3)]
     return _resample_separable(array, maps, new_geom.shape, order, 0), new_geom
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Crop or pad
-# ----------------------------------------------------------------------------------------------------------
+# --- Crop or pad ---
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,9 +307,7 @@ def invert_crop_or_pad(
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Intensity, flips, foreground rule
-# ----------------------------------------------------------------------------------------------------------
+# --- Intensity, flips, foreground rule ---
 
 
 def z_normalize(

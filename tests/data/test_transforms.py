@@ -313,3 +313,28 @@ def test_clip_flip_and_foreground_rule():
     assert not T.has_enough_foreground(label)
     label.reshape(-1)[1000] = 3
     assert T.has_enough_foreground(label)
+
+
+def test_inference_roi_chain_and_paste_back():
+    """UPSTREAM.md §3.3: resample -> RAS -> crop around the target; paste back = one nearest resample of the ROI
+    onto the original grid (outside the ROI: 0). Blocky labels on a 0.75 mm LPS grid come back exactly."""
+    rng = np.random.default_rng(4)
+    coarse = np.zeros((10, 9, 8), np.uint8)
+    coarse[3:7, 2:6, 2:5] = rng.integers(1, 3, (4, 4, 3))
+    label = np.kron(coarse, np.ones((2, 2, 2), np.uint8))  # (20, 18, 16) at 0.75 mm
+    affine = np.diag([-0.75, -0.75, 0.75, 1.0])
+    affine[:3, 3] = [30.0, 12.0, -7.5]
+    geom = Geometry(affine, label.shape)
+    image = rng.random(label.shape).astype(np.float32)
+    target = (label == 2).astype(np.uint8)
+    img_r, grid = T.resample_to_spacing(image, geom, order=1)
+    lab_r, _ = T.resample_to_spacing(target, geom, order=0)
+    img_ras, ras_geom = reorient_to_ras(img_r, grid)
+    lab_ras, _ = reorient_to_ras(lab_r, grid)
+    assert ras_geom.shape == (10, 9, 8) and ras_geom.orientation == ("R", "A", "S")
+    crop = T.crop_or_pad_box(lab_ras, (8, 8, 8))
+    roi_label = T.apply_crop_or_pad(lab_ras, crop)
+    roi_image = T.z_normalize(T.apply_crop_or_pad(img_ras, crop))
+    assert roi_image.shape == (8, 8, 8) and roi_label.sum() == target.sum() // 8
+    back = T.resample_to_geometry(roi_label, crop.roi_geometry(ras_geom), geom, order=0)
+    np.testing.assert_array_equal(back, target)
