@@ -125,7 +125,7 @@ def test_deterministic_for_a_key():
     first = _sample(key, gt, pred)
     # A second call and a fresh compilation give the same click for the same key.
     for out in (_sample(key, gt, pred), jax.jit(lambda k, g, p: clicks.sample_click(k, g, p))(key, gt, pred)):
-        for a, b in zip(out, first):
+        for a, b in zip(out, first, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     others = {tuple(np.asarray(_sample(jax.random.key(s), gt, pred)[0]).ravel()) for s in range(8)}
     assert len(others) > 1, "different keys must give different clicks"
@@ -146,14 +146,16 @@ def test_vmap_over_leading_axis_matches_single_calls():
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.0, 2.5, 0.7), (3.0, 1.0, 1.5)])
 def test_edt_matches_scipy(spacing):
     rng = np.random.default_rng(int(spacing[1] * 10))
-    masks = np.stack([
-        ndimage.binary_dilation(rng.random((9, 11, 7)) < 0.03, iterations=2),
-        rng.random((9, 11, 7)) < 0.8,
-        np.ones((9, 11, 7), bool),
-        np.zeros((9, 11, 7), bool),
-    ])
+    masks = np.stack(
+        [
+            ndimage.binary_dilation(rng.random((9, 11, 7)) < 0.03, iterations=2),
+            rng.random((9, 11, 7)) < 0.8,
+            np.ones((9, 11, 7), bool),
+            np.zeros((9, 11, 7), bool),
+        ]
+    )
     out = np.asarray(jax.jit(clicks.euclidean_distance_transform, static_argnums=1)(jnp.asarray(masks), spacing))
-    for mask, dt in zip(masks, out):
+    for mask, dt in zip(masks, out, strict=True):
         np.testing.assert_allclose(dt, _padded_edt(mask, spacing), rtol=1e-6, atol=1e-6)
 
 
