@@ -82,7 +82,7 @@ class _TorchClass:
 
 def _set_fields(obj, fields):
     if not isinstance(fields, dict) or not all(isinstance(k, str) and not k.startswith("__") for k in fields):
-        raise pickle.UnpicklingError("namespace state must be a dict of plain attribute names")
+        raise pickle.UnpicklingError("pickled object state must be a dict of plain attribute names")
     obj.__dict__.update(fields)
 
 
@@ -120,12 +120,8 @@ def _tensor_from_storage(storage, offset, size, stride):
     return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _tensor_from_storage(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor(storage, storage_offset, size, stride, *_requires_grad_hooks_metadata):
+    # Serves _rebuild_tensor and _rebuild_tensor_v2 (which adds requires_grad, backward_hooks, metadata).
     return _tensor_from_storage(storage, storage_offset, size, stride)
 
 
@@ -140,7 +136,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data
 
 
-_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
+_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter)
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
@@ -197,7 +193,7 @@ def _allowed_globals():
         ("torch", "Tensor"): _TorchClass("torch.Tensor"),
         ("torch.nn.parameter", "Parameter"): _TorchClass("torch.nn.Parameter"),
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
@@ -207,12 +203,9 @@ def _allowed_globals():
         ("numpy", "dtype"): _numpy_dtype,
         ("numpy", "ndarray"): np.ndarray,
         ("_codecs", "encode"): _codecs_encode,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "slice"): slice,
-        ("builtins", "complex"): complex,
-        ("builtins", "range"): range,
     }
+    for data_type in (set, frozenset, slice, complex, range):  # builtins that only ever build data
+        allowed[("builtins", data_type.__name__)] = data_type
     for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(core, "scalar")] = _numpy_scalar
         allowed[(core, "_reconstruct")] = _numpy_reconstruct
@@ -339,7 +332,7 @@ def load_pth(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: not a readable zip archive ({e}); the file is truncated or corrupt") from e
     with zf:
         # The record folder is named after the file stem at save time, so it is found, not assumed.
-        pkls = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
+        pkls = [n for n in zf.namelist() if n.count("/") <= 1 and (n == "data.pkl" or n.endswith("/data.pkl"))]
         if len(pkls) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl record in the archive, found {pkls or 'none'}")
         prefix = pkls[0][: -len("data.pkl")]
