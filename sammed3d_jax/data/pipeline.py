@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from typing import Any
 
 import grain
@@ -161,7 +162,7 @@ def _fingerprint(prepared_dir, records, options) -> dict[str, Any]:
 
 
 def build_train_dataset(
-    prepared_dir: str,
+    prepared_dir: str | os.PathLike,
     *,
     crop_size: int = 128,
     batch_size: int,
@@ -310,7 +311,7 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def build_train_iterator(prepared_dir: str, *, worker_count: int = 0, worker_buffer_size: int = 2,
+def build_train_iterator(prepared_dir: str | os.PathLike, *, worker_count: int = 0, worker_buffer_size: int = 2,
                          read_threads: int = 1, prefetch_batches: int = 2, **kwargs) -> TrainIterator:
     """``build_train_dataset(prepared_dir, **kwargs)`` wrapped in a checkpointable ``TrainIterator``.
 
