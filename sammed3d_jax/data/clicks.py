@@ -13,7 +13,6 @@ Coordinates follow ``shapes.py``: points are float voxel indices in array-axis o
 constants. Must not import flax, the model, or any host-side I/O; this module runs inside jitted steps.
 """
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -47,30 +46,28 @@ def threshold_logits(
     return logits > logit_threshold
 
 
-def _uniform_index(key: PRNGKeyArray, flat: Bool[Array, "b n"]) -> tuple[Int[Array, " b"], Int[Array, " b"]]:
-    """Index of a uniformly drawn True entry per row, and the number of True entries per row.
+def _uniform_index(key: PRNGKeyArray, mask: Bool[Array, "b h w d"]) -> tuple[Int[Array, " b"], Int[Array, " b"]]:
+    """Flat index of a uniformly drawn True voxel per row, and the number of True voxels per row.
 
-    Exact inverse-CDF draw with a two-level cumulative count: ``r ~ U{0..count-1}``, then the r-th True entry is
-    found by a cumulative sum over ~sqrt(n) block counts followed by one over the ~sqrt(n) entries of the chosen
-    block. It reads the mask once and allocates O(b·sqrt(n)), unlike noise-argmax (O(b·n) floats) or a full
-    cumsum. Rows without a True entry return index 0 and count 0.
+    Exact inverse-CDF draw with a two-level cumulative count: ``r ~ U{0..count-1}``; the volume is viewed as
+    blocks (rows of ``h`` or ``h·w`` voxels, whichever split is more balanced, so no copy is needed), the block
+    holding the r-th True voxel is found from a cumulative sum of block counts, and the voxel from a cumulative
+    sum inside that block. It reads the mask once and allocates O(b·(blocks + block size)), about O(b·sqrt(n))
+    at 128³, unlike noise-argmax (O(b·n) floats) or a full cumsum. Rows with no True voxel return 0, count 0.
     """
-    b, n = flat.shape
-    block = max(1, math.isqrt(n - 1) + 1)  # ceil(sqrt(n)); static under jit
-    n_blocks = -(-n // block)
-    if n_blocks * block != n:
-        flat = jnp.pad(flat, ((0, 0), (0, n_blocks * block - n)))
-    blocks = flat.reshape(b, n_blocks, block)
+    b, h, w, d = mask.shape
+    n_blocks = h if max(h, w * d) <= max(h * w, d) else h * w
+    blocks = mask.reshape(b, n_blocks, -1)
     block_counts = jnp.sum(blocks, axis=-1, dtype=jnp.int32)
     cum = jnp.cumsum(block_counts, axis=1)
     count = cum[:, -1]
     r = jax.random.randint(key, (b,), 0, jnp.maximum(count, 1), dtype=jnp.int32)
-    # The r-th True entry sits in the first block whose inclusive cumulative count exceeds r.
+    # The r-th True voxel sits in the first block whose inclusive cumulative count exceeds r.
     blk = jnp.minimum(jnp.sum(cum <= r[:, None], axis=1, dtype=jnp.int32), n_blocks - 1)
     before = jnp.take_along_axis(cum - block_counts, blk[:, None], axis=1)[:, 0]
     row = jnp.take_along_axis(blocks, blk[:, None, None], axis=1)[:, 0]
     within = jnp.sum(jnp.cumsum(row, axis=1, dtype=jnp.int32) <= (r - before)[:, None], axis=1, dtype=jnp.int32)
-    return jnp.minimum(blk * block + within, n - 1), count
+    return jnp.minimum(blk * blocks.shape[2] + within, h * w * d - 1), count
 
 
 def _click_from_candidates(
@@ -78,7 +75,7 @@ def _click_from_candidates(
 ) -> tuple[Float[Array, "b 3"], Int[Array, " b"]]:
     """Uniform click among ``candidates``, labelled by the ground truth there; ABSENT at the centre if none."""
     b, h, w, d = gt.shape
-    idx, count = _uniform_index(key, candidates.reshape(b, -1))
+    idx, count = _uniform_index(key, candidates)
     # Every rule only offers error voxels (where "is a false negative" == gt) or gt voxels, so gt is the label.
     on_target = jnp.take_along_axis(gt.reshape(b, -1), idx[:, None], axis=1)[:, 0]
     labels = jnp.where(on_target, POSITIVE, NEGATIVE).astype(jnp.int32)
@@ -146,17 +143,29 @@ def sample_click_from_logits(
 def _squared_distance_pass(g, axis: int, spacing_mm: float):
     """One separable pass: ``min_y g[y] + ((x - y)·s)²`` along ``axis``, with background just outside the volume.
 
-    Brute force over y as one broadcast-and-reduce (XLA fuses it, so the (n, n) pairs are never stored): exact,
-    O(n) work per voxel, and faster on CPU at 128³ than scipy's linear-time algorithm.
+    Brute force over y as one broadcast-and-reduce that XLA fuses, so the (n, n) pairs per line are never stored:
+    exact, O(n) work per voxel. It reduces in place over the axis (no transpose), which also keeps the three
+    passes' broadcasts distinct: XLA would merge identical ones and then materialise them (1 GiB at 128³).
     """
     n = g.shape[axis]
-    g = jnp.moveaxis(g, axis, -1)
     x = jnp.arange(n, dtype=jnp.float32)
-    pair = ((x[:, None] - x[None, :]) * spacing_mm) ** 2
+    pair = ((x[:, None] - x[None, :]) * spacing_mm) ** 2  # [x, y]
+    pair_shape = [1] * (g.ndim + 1)
+    pair_shape[axis], pair_shape[axis + 1] = n, n
+    out = jnp.min(jnp.expand_dims(g, axis) + pair.reshape(pair_shape), axis=axis + 1)
     # The black border (voxels -1 and n are background) bounds every distance by the distance to the edge.
-    border = (jnp.minimum(x + 1.0, n - x) * spacing_mm) ** 2
-    out = jnp.minimum(jnp.min(g[..., None, :] + pair, axis=-1), border)
-    return jnp.moveaxis(out, -1, axis)
+    border_shape = [1] * g.ndim
+    border_shape[axis] = n
+    return jnp.minimum(out, ((jnp.minimum(x + 1.0, n - x) * spacing_mm) ** 2).reshape(border_shape))
+
+
+def _squared_distance_transform(mask, spacing_mm):
+    if len(spacing_mm) != 3 or min(spacing_mm) <= 0:
+        raise ValueError(f"spacing_mm must be three positive numbers, got {tuple(spacing_mm)!r}")
+    sq = jnp.where(mask, jnp.inf, 0.0).astype(jnp.float32)
+    for axis, s in enumerate(spacing_mm):
+        sq = _squared_distance_pass(sq, axis + 1, float(s))
+    return sq
 
 
 def euclidean_distance_transform(
@@ -167,22 +176,16 @@ def euclidean_distance_transform(
     Voxels outside the volume count as False ("black border", as upstream's ``edt`` call after its one-voxel
     zero padding), so the result equals ``scipy.ndimage.distance_transform_edt`` of the mask zero-padded by one
     voxel, cropped back; False voxels get 0. Separable squared-distance transform (one exact min-plus pass per
-    axis, float32, squared distances exact for integer voxel offsets at unit spacing); anisotropic spacing
-    weights each axis.
+    axis, float32; squared distances are exact integers at unit spacing); anisotropic spacing weights each axis.
 
     Args:
       mask: boolean masks.
-      spacing_mm: voxel size per array axis (upstream's "ritm" uses voxel units, i.e. the default).
+      spacing_mm: voxel size per array axis, static under jit (upstream's "ritm" uses voxel units: the default).
 
     Returns:
       float32 distances in the units of ``spacing_mm``.
     """
-    if len(spacing_mm) != 3 or min(spacing_mm) <= 0:
-        raise ValueError(f"spacing_mm must be three positive numbers, got {spacing_mm!r}")
-    sq = jnp.where(mask, jnp.inf, 0.0).astype(jnp.float32)
-    for axis, s in enumerate(spacing_mm):
-        sq = _squared_distance_pass(sq, axis + 1, float(s))
-    return jnp.sqrt(sq)
+    return jnp.sqrt(_squared_distance_transform(mask, spacing_mm))
 
 
 def sample_click_ritm(
@@ -211,12 +214,14 @@ def sample_click_ritm(
       ``(points, labels)`` as ``sample_click``.
     """
     gt, fn, fp = _errors(gt, pred)
-    dt_fn = euclidean_distance_transform(fn, spacing_mm)
-    dt_fp = euclidean_distance_transform(fp, spacing_mm)
+    # Compared on squared distances: dt > max/2 iff dt² > max²/4, exact in float32 at unit spacing, so ties
+    # resolve as upstream's correctly rounded float32 square roots do, on any backend.
+    # One transform over the stacked maps: two calls would share identical broadcasts (see the pass above).
+    dt_fn, dt_fp = jnp.split(_squared_distance_transform(jnp.concatenate([fn, fp]), spacing_mm), 2)
     max_fn = jnp.max(dt_fn, axis=(1, 2, 3))
     max_fp = jnp.max(dt_fp, axis=(1, 2, 3))
     positive = (max_fn > max_fp)[:, None, None, None]
-    threshold = (jnp.maximum(max_fn, max_fp) / 2)[:, None, None, None]
+    threshold = (jnp.maximum(max_fn, max_fp) / 4)[:, None, None, None]
     interior = jnp.where(positive, dt_fn, dt_fp) > threshold
     has_error = (jnp.maximum(max_fn, max_fp) > 0)[:, None, None, None]
     return _click_from_candidates(key, gt, jnp.where(has_error, interior, gt))

@@ -73,7 +73,7 @@ def _chi_square_p(draws, support):
 
 
 def test_random_click_is_uniform_over_error_region():
-    # 3x5x7 = 105 voxels is not a multiple of the 11-voxel block, and the error spans several blocks.
+    # On 3x5x7 the sampler uses 15 blocks of 7 voxels; the 20 error voxels spread over many of them.
     rng = np.random.default_rng(0)
     gt = rng.random((1, 3, 5, 7)) < 0.5
     pred = gt.copy()
