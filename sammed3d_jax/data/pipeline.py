@@ -8,6 +8,9 @@ flax, training/ or the model (sharding arguments are plain ints: pass ``jax.proc
 Chain (flax examples' Grain pattern, all index-based): ``MapDataset.source(records).seed(seed)`` ->
 ``shuffle`` -> ``repeat(num_epochs)`` -> ``random_map(CropSampler)`` -> ``[shard_index::shard_count]`` ->
 ``batch(drop_remainder=True)`` [-> batch-pooled normalisation] -> ``to_iter_dataset`` -> ``mp_prefetch``.
+Unlike the flax examples we batch the MapDataset, before ``to_iter_dataset``: ``mp_prefetch`` hands worker k the
+elements k, k + N, ..., so batching inside the workers would group different samples for different N; batching
+by index keeps batch j the same for every ``worker_count``.
 
 Per training sample (UPSTREAM.md §3.2, quirks 9, 10, 21):
 

@@ -143,6 +143,21 @@ def test_state_round_trip_exact_and_worker_count_independent(store):
         other.set_state(state)
 
 
+def test_grain_orbax_checkpoint_handler_round_trip(store, tmp_path):
+    """The training loop saves the iterator with Grain's own Orbax handler: it must treat ours as a DatasetIterator."""
+    from etils import epath
+    from grain.checkpoint import CheckpointHandler
+
+    kwargs = dict(crop_size=CROP, batch_size=2, seed=8)
+    it = pipeline.build_train_iterator(str(store), **kwargs)
+    _take(it, 2)
+    CheckpointHandler().save(epath.Path(tmp_path), item=it)
+    expected = _take(it, 2)
+    restored = CheckpointHandler().restore(epath.Path(tmp_path), item=pipeline.build_train_iterator(str(store), **kwargs))
+    assert restored.get_state()["next_batch"] == 2
+    _same(expected, _take(restored, 2))
+
+
 def test_per_volume_normalisation_matches_manual_stats(store):
     it = pipeline.build_train_iterator(str(store), crop_size=CROP, batch_size=4, seed=2, flip_axes=())
     for b in _take(it, 2):
