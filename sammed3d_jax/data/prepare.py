@@ -26,6 +26,7 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 import pathlib
 import sys
@@ -216,7 +217,10 @@ def prepare_dataset(
             results[job.key] = _prepare_case(job, str(out), settings)
             bar.update()
     else:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: the caller (a training run, a test) may have started JAX's threads, and a forked
+        # child of a multithreaded process can deadlock.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = {pool.submit(_prepare_case, job, str(out), settings): job for job in pending}
             for future in concurrent.futures.as_completed(futures):
                 job = futures[future]
