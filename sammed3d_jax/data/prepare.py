@@ -26,6 +26,7 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import multiprocessing
 import os
 import pathlib
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from sammed3d_jax.data import cache, check, manifest, nifti, transforms
 
 UPSTREAM_MIN_TARGET_MM3 = 10.0
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +234,9 @@ def prepare_dataset(
                                                     for r in job.records]}
                 bar.update()
     bar.close()
+    for job in pending:
+        if results[job.key]["status"] == "failed":
+            log.warning("skipped case %s: %s", job.key, results[job.key]["skipped"][0]["reason"])
 
     prepared = [r for job in jobs for r in results[job.key]["records"]]
     skipped = [s for job in jobs for s in results[job.key]["skipped"]]
