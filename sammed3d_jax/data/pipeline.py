@@ -137,9 +137,9 @@ class CropSampler(grain.transforms.RandomMap):
         return {
             "image": image[..., None],
             "label": label,
-            "record": np.int32(self.record_ids[index]),
-            "redraws": np.int32(redraws),
-            "bad_skipped": np.int32(bad),
+            "record": np.array(self.record_ids[index], np.int32),
+            "redraws": np.array(redraws, np.int32),
+            "bad_skipped": np.array(bad, np.int32),
         }
 
 
