@@ -276,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {summary['cases']} cases ({summary['prepared']} prepared now, {summary['reused']} already "
+    plural = "" if summary["cases"] == 1 else "s"
+    print(f"{args.out}: {summary['cases']} case{plural} ({summary['prepared']} prepared now, {summary['reused']} already "
           f"done, {summary['failed_cases']} failed), {summary['records']} targets indexed, "
           f"{summary['skipped']} skipped")
     for reason, count in summary["skip_reasons"].items():

@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = make_synthetic_dataset(args.out, args.cases, seed=args.seed, shape=args.shape, name=args.name)
     meta = json.loads((out / "dataset.json").read_text())
-    print(f"wrote {args.cases} cases to {out} (labels {meta['labels']})")
+    print(f"wrote {args.cases} case{'' if args.cases == 1 else 's'} to {out} (labels {meta['labels']})")
     for case, orientation in meta["orientations"].items():
         print(f"  {case}: {orientation}")
 

@@ -84,7 +84,7 @@ def test_default_shape_targets_fit_small_model_crops():
 
 def test_cli(tmp_path, capsys):
     synthetic.main([str(tmp_path / "cli"), "--cases", "1", "--seed", "5", "--shape", *map(str, TINY)])
-    assert "wrote 1 cases" in capsys.readouterr().out
+    assert "wrote 1 case to" in capsys.readouterr().out
     assert (tmp_path / "cli" / "labelsTr" / "synth_000.nii.gz").exists()
     with pytest.raises(ValueError, match="--cases"):
         synthetic.make_synthetic_dataset(tmp_path / "none", cases=0)
