@@ -143,20 +143,35 @@ def sample_click_from_logits(
 def _squared_distance_pass(g, axis: int, spacing_mm: float):
     """One separable pass: ``min_y g[y] + ((x - y)·s)²`` along ``axis``, with background just outside the volume.
 
-    Brute force over y as one broadcast-and-reduce that XLA fuses, so the (n, n) pairs per line are never stored:
-    exact, O(n) work per voxel. It reduces in place over the axis (no transpose), which also keeps the three
-    passes' broadcasts distinct: XLA would merge identical ones and then materialise them (1 GiB at 128³).
+    Exact brute force over the offset k = |x - y|, one elementwise min per k (a while loop of shifted slices:
+    O(N) memory, compiles quickly on every backend; a fused (n, n) broadcast-and-reduce compiled for minutes on
+    GPU). It stops once (k·s)² reaches the largest current value, beyond which no offset can lower anything, so
+    the trip count is about the largest distance in voxels rather than the axis length.
     """
     n = g.shape[axis]
     x = jnp.arange(n, dtype=jnp.float32)
-    pair = ((x[:, None] - x[None, :]) * spacing_mm) ** 2  # [x, y]
-    pair_shape = [1] * (g.ndim + 1)
-    pair_shape[axis], pair_shape[axis + 1] = n, n
-    out = jnp.min(jnp.expand_dims(g, axis) + pair.reshape(pair_shape), axis=axis + 1)
     # The black border (voxels -1 and n are background) bounds every distance by the distance to the edge.
     border_shape = [1] * g.ndim
     border_shape[axis] = n
-    return jnp.minimum(out, ((jnp.minimum(x + 1.0, n - x) * spacing_mm) ** 2).reshape(border_shape))
+    out = jnp.minimum(g, ((jnp.minimum(x + 1.0, n - x) * spacing_mm) ** 2).reshape(border_shape))
+    pad = [(0, 0)] * g.ndim
+    pad[axis] = (n, n)
+    padded = jnp.pad(g, pad, constant_values=jnp.inf)
+
+    def offset_cost(k):
+        return (k.astype(jnp.float32) * spacing_mm) ** 2
+
+    def cond(state):
+        k, out = state
+        return (k < n) & (offset_cost(k) < jnp.max(out))
+
+    def body(state):
+        k, out = state
+        below = jax.lax.dynamic_slice_in_dim(padded, n - k, n, axis)  # g[x - k]
+        above = jax.lax.dynamic_slice_in_dim(padded, n + k, n, axis)  # g[x + k]
+        return k + 1, jnp.minimum(out, jnp.minimum(below, above) + offset_cost(k))
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), out))[1]
 
 
 def _squared_distance_transform(mask, spacing_mm):
@@ -177,6 +192,7 @@ def euclidean_distance_transform(
     zero padding), so the result equals ``scipy.ndimage.distance_transform_edt`` of the mask zero-padded by one
     voxel, cropped back; False voxels get 0. Separable squared-distance transform (one exact min-plus pass per
     axis, float32; squared distances are exact integers at unit spacing); anisotropic spacing weights each axis.
+    Work is O(N · largest distance in voxels): milliseconds for a 128³ volume on a GPU.
 
     Args:
       mask: boolean masks.
@@ -216,7 +232,7 @@ def sample_click_ritm(
     gt, fn, fp = _errors(gt, pred)
     # Compared on squared distances: dt > max/2 iff dt² > max²/4, exact in float32 at unit spacing, so ties
     # resolve as upstream's correctly rounded float32 square roots do, on any backend.
-    # One transform over the stacked maps: two calls would share identical broadcasts (see the pass above).
+    # One transform over the stacked maps: one loop per axis instead of two.
     dt_fn, dt_fp = jnp.split(_squared_distance_transform(jnp.concatenate([fn, fp]), spacing_mm), 2)
     max_fn = jnp.max(dt_fn, axis=(1, 2, 3))
     max_fp = jnp.max(dt_fp, axis=(1, 2, 3))
