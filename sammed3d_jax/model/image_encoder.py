@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from sammed3d_jax.model.attention import EncoderAttention
 from sammed3d_jax.model.config import ModelConfig
-from sammed3d_jax.model.layers import MLP, Conv3x3, LayerNorm, StridedConv, gelu
+from sammed3d_jax.model.layers import MLP, Conv3x3, Dtype, LayerNorm, StridedConv, gelu
 
 
 def compute_dtype(cfg: ModelConfig):
@@ -34,8 +34,8 @@ class PatchEmbed(nn.Module):
 
     features: int
     patch_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, volume: jax.Array) -> jax.Array:

@@ -5,12 +5,13 @@ Imports jax/flax/numpy only.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = jnp.dtype
+Dtype = Any  # a numpy/jax dtype or scalar type (jnp.float32, jnp.bfloat16, ...)
 
 
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
