@@ -274,7 +274,7 @@ class Segmenter:
         if inter.n_clicks >= self.max_clicks:
             raise ValueError(f"click buffer full: {self.max_clicks} clicks (raise max_clicks)")
 
-    def click(self, inter: Interaction, point: Sequence[float] | np.ndarray, positive: bool) -> Interaction:
+    def click(self, inter: Interaction, point: Sequence[float | int] | np.ndarray, positive: bool) -> Interaction:
         """Adds a user click at ROI voxel ``point`` (array-axis order) and decodes with every click so far."""
         self._check_room(inter)
         p = np.asarray(point, np.float32)
@@ -344,7 +344,7 @@ def simulate_clicks(
     key: jax.Array,
     record_at: Sequence[int],
     mode: str = "random",
-    first_click: Sequence[float] | None = None,
+    first_click: Sequence[float | int] | np.ndarray | None = None,
 ) -> SimulationResult:
     """Runs upstream's simulated interaction on ``roi`` and keeps the prediction after each count in ``record_at``.
 

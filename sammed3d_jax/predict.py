@@ -1,0 +1,258 @@
+"""``python -m sammed3d_jax.predict --checkpoint DIR --image scan.nii.gz --points "i,j,k:+;i,j,k:-" --out mask.nii.gz``
+
+Segments a user's own scan from a few clicks, without ground truth. Points are voxel indices of the input file in
+its own axis order (what a viewer shows as the voxel coordinate), or with ``--world`` scanner coordinates in mm
+(the NIfTI world frame nibabel uses, RAS+; tools that display LPS need x and y negated). ``+`` marks the target,
+``-`` background. The output mask (uint8, 1 = target) has the input's exact shape and affine.
+
+How a scan is processed (the inference chain of ``evaluation/inference.py``): resample to 1.5 mm, reorient to
+RAS+, crop ``S``³ windows (``S`` = the model's crop), z-normalise each window, encode once per window, then feed the
+clicks inside the window one after another, each decode seeing every click so far and the previous logits
+(upstream's interactive loop); probabilities of all windows are averaged and thresholded at 0.5, then pasted back.
+
+Windows (upstream crops around the ground truth, which a user does not have; the paper extends a first crop with
+50 %-overlap sliding windows where the prediction reaches the patch edge, which is what we do):
+
+1. The first window is centred on the bounding box of the clicks. If the clicks span more than ``S`` along an
+   axis, that axis is tiled with stride ``S/2`` over the clicks' extent instead. A window without a positive click
+   is not run (negative clicks alone do not name a target).
+2. Growth: when a window's mask touches one of its faces (foreground within ``edge_margin`` voxels of it) and the
+   volume continues beyond that face, a neighbour window shifted by ``S/2`` across that face is queued. It is
+   prompted with a positive click at the deepest point (Euclidean distance transform maximum) of the current
+   mask inside the two windows' overlap, plus any user clicks inside it.
+3. This repeats breadth-first until no mask touches an open face or ``max_windows`` windows ran (then the result
+   says so). ``--single-window`` runs only step 1's first window, as upstream does.
+
+Must not import the training code or configs.
+"""
+
+import argparse
+import collections
+import dataclasses
+import itertools
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from jaxtyping import Bool, Float
+from scipy import ndimage, special
+
+from sammed3d_jax.data.nifti import DataFileError, Geometry, read_image, write_nifti
+from sammed3d_jax.evaluation import inference
+
+_SIGNS = {"+": True, "pos": True, "positive": True, "1": True, "-": False, "neg": False, "negative": False, "0": False}
+
+
+def parse_points(text: str) -> tuple[Float[np.ndarray, "n 3"], Bool[np.ndarray, " n"]]:
+    """Parses ``"i,j,k:+;i,j,k:-"`` into coordinates ``[n, 3]`` and positive flags ``[n]`` (a missing sign is +).
+
+    Raises:
+        ValueError: naming the entry that is not three numbers with an optional ``:+``/``:-``.
+    """
+    coords, positive = [], []
+    entries = [e.strip() for e in text.replace("\n", ";").split(";") if e.strip()]
+    if not entries:
+        raise ValueError("--points: no point given (format 'i,j,k:+;i,j,k:-')")
+    for n, entry in enumerate(entries, 1):
+        xyz, _, sign = entry.partition(":")
+        sign = sign.strip().lower() or "+"
+        try:
+            values = [float(v) for v in xyz.replace(" ", "").split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 3 or not all(math.isfinite(v) for v in values) or sign not in _SIGNS:
+            raise ValueError(f"--points: entry {n} {entry!r} is not 'x,y,z' with an optional ':+' or ':-'")
+        coords.append(values)
+        positive.append(_SIGNS[sign])
+    return np.asarray(coords, np.float64), np.asarray(positive, bool)
+
+
+def to_model_grid(coords: Float[np.ndarray, "n 3"], geom: Geometry, grid: Geometry, world: bool = False,
+                  source: str = "image") -> Float[np.ndarray, "n 3"]:
+    """Maps clicks (file voxel indices, or world mm with ``world``) to voxel indices of ``grid`` (the model's grid).
+
+    Raises:
+        ValueError: a click outside the image volume, naming the click, the volume shape and ``source``.
+    """
+    homogeneous = np.c_[coords, np.ones(len(coords))]
+    world_mm = homogeneous @ geom.affine.T if not world else homogeneous
+    voxels = (world_mm @ np.linalg.inv(geom.affine).T)[:, :3]
+    shape = np.asarray(geom.shape)
+    for n, (v, c) in enumerate(zip(voxels, coords, strict=True), 1):
+        if np.any(v < -0.5) or np.any(v >= shape - 0.5):
+            where = f"world {c.tolist()} mm = voxel {np.round(v, 2).tolist()}" if world else f"voxel {c.tolist()}"
+            raise ValueError(f"{source}: point {n} ({where}) lies outside the volume of shape {geom.shape}")
+    on_grid = (world_mm @ np.linalg.inv(grid.affine).T)[:, :3]
+    return np.clip(on_grid, 0, np.asarray(grid.shape) - 1).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """A predicted mask on the input's grid and how it was made.
+
+    Attributes:
+        mask: bool ``[h, w, d]`` on the input image's grid.
+        windows: start index (model grid) of every window run, in order.
+        complete: False when growth stopped at ``max_windows`` with windows still queued.
+    """
+
+    mask: np.ndarray
+    windows: tuple[tuple[int, int, int], ...]
+    complete: bool
+
+
+def _initial_starts(points: np.ndarray, positive: np.ndarray, size: int, tile: bool) -> list[tuple[int, ...]]:
+    ref = points[positive] if positive.any() else points
+    lo, hi = np.floor(ref.min(0)).astype(int), np.floor(ref.max(0)).astype(int) + 1
+    per_axis = []
+    for a in range(3):
+        centre_start = math.floor((lo[a] + hi[a]) / 2 - size / 2)
+        if hi[a] - lo[a] <= size or not tile:
+            per_axis.append([centre_start])
+            continue
+        stride = size // 2
+        first = lo[a] - stride // 2
+        per_axis.append(list(range(first, hi[a] - size + stride, stride)))
+    return [tuple(s) for s in itertools.product(*per_axis)]
+
+
+def _inside(points: np.ndarray, start: Sequence[int], size: int) -> np.ndarray:
+    rel = points - np.asarray(start)
+    return np.all((rel >= 0) & (rel <= size - 1), axis=1)
+
+
+def _deepest(mask: np.ndarray, box: tuple[slice, ...]) -> np.ndarray | None:
+    """The voxel of ``mask`` inside ``box`` farthest from the mask's border (global index), or None if empty."""
+    part = mask[box]
+    if not part.any():
+        return None
+    depth = ndimage.distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1, 1:-1]
+    local = np.unravel_index(int(np.argmax(depth)), part.shape)
+    return np.asarray([b.start + i for b, i in zip(box, local, strict=True)], np.float32)
+
+
+def predict_mask(segmenter: inference.Segmenter, image: Float[np.ndarray, "h w d"], geom: Geometry,
+                 coords: Float[np.ndarray, "n 3"], positive: Bool[np.ndarray, " n"], *, world: bool = False,
+                 spacing_mm: Sequence[float] = inference.DEFAULT_SPACING_MM, tile: bool = True, max_windows: int = 27,
+                 edge_margin: int = 2, source: str = "image") -> Prediction:
+    """Segments the target named by the clicks (see the module docstring for the windows).
+
+    Args:
+        segmenter: the jitted model (its buffer must hold every click of a window plus one propagated click).
+        image: the scan as read from the file, with ``geom``.
+        coords: clicks, file voxel indices (or world mm with ``world``); ``positive`` marks target clicks.
+        spacing_mm: the model's resampling target.
+        tile: tile and grow windows (False: one window centred on the clicks).
+        max_windows: the most windows run.
+        edge_margin: mask voxels this close to an open window face make the window grow there.
+        source: name of the image for messages.
+
+    Returns:
+        The mask on the input grid and the windows used.
+    """
+    if not positive.any():
+        raise ValueError("--points: give at least one positive click (':+') to name the target")
+    if len(coords) + 1 > segmenter.max_clicks:
+        raise ValueError(f"{len(coords)} clicks: at most {segmenter.max_clicks - 1} fit the click buffer")
+    case = inference.resample_case(image, geom, None, spacing_mm)
+    points = to_model_grid(coords, geom, case.geom, world, source)
+    size, shape = segmenter.crop_size, np.asarray(case.geom.shape)
+    starts = _initial_starts(points, positive, size, tile)
+    if not tile and not np.all(_inside(points, starts[0], size)):
+        raise ValueError(f"the clicks span more than one {size}^3 window at {spacing_mm} mm; allow tiling")
+    prob_sum = np.zeros(case.geom.shape, np.float32)
+    weight = np.zeros(case.geom.shape, np.float32)
+    queue = collections.deque((s, None) for s in starts)
+    queued, ran, problems = set(starts), [], []
+    while queue and len(ran) < max_windows:
+        start, seed = queue.popleft()
+        inside = _inside(points, start, size)
+        clicks = ([(seed, True)] if seed is not None else []) + [
+            (p, bool(s)) for p, s, i in zip(points, positive, inside, strict=True) if i]
+        if not any(s for _, s in clicks):
+            queued.discard(start)  # a later grown window may reach it with a propagated click
+            continue
+        crop = inference.window_at(case.geom.shape, start, size)
+        try:
+            roi = inference.crop_roi(case, crop, name=f"{source} window at {list(start)}")
+        except ValueError as err:  # e.g. a window over empty background (no voxel > 0): nothing to segment
+            problems.append(str(err))
+            continue
+        inter = segmenter.start(roi.image)
+        for p, s in clicks:
+            inter = segmenter.click(inter, np.asarray(p) - np.asarray(start), s)
+        prob = special.expit(np.asarray(inter.logits[0], np.float32))
+        src, dst = crop._overlap()
+        prob_sum[src] += prob[dst]
+        weight[src] += 1.0
+        ran.append(tuple(int(s) for s in start))
+        if not tile:
+            break
+        mask = np.zeros(case.geom.shape, bool)
+        mask[src] = prob[dst] > 0.5
+        for axis, side in itertools.product(range(3), (-1, 1)):
+            lo, hi = start[axis], start[axis] + size
+            if (side < 0 and lo <= 0) or (side > 0 and hi >= shape[axis]):
+                continue  # the window already reaches the volume border there
+            face = slice(max(lo, 0), min(lo + edge_margin, shape[axis])) if side < 0 else slice(
+                max(hi - edge_margin, 0), min(hi, shape[axis]))
+            box = [slice(max(s, 0), min(s + size, n)) for s, n in zip(start, shape, strict=True)]
+            if not mask[tuple(box[:axis] + [face] + box[axis + 1:])].any():
+                continue
+            new = list(start)
+            new[axis] = max(lo - size // 2, 0) if side < 0 else min(lo + size // 2, max(int(shape[axis]) - size, 0))
+            new = tuple(new)
+            if new in queued:
+                continue
+            overlap = tuple(slice(max(a, b, 0), min(a + size, b + size, n)) for a, b, n in zip(start, new, shape,
+                                                                                              strict=True))
+            deepest = _deepest(mask, overlap)
+            if deepest is not None:
+                queue.append((new, deepest))
+                queued.add(new)
+    if not ran:
+        raise ValueError(f"{source}: no window around the clicks could be segmented: {'; '.join(problems)}")
+    covered = weight > 0
+    ras_mask = np.zeros(case.geom.shape, bool)
+    ras_mask[covered] = prob_sum[covered] / weight[covered] > 0.5
+    mask = inference.paste_back(ras_mask, case.geom, case.original_geom)
+    return Prediction(mask, tuple(ran), not queue)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the prediction CLI; returns the exit status (0 ok, 2 bad input)."""
+    parser = argparse.ArgumentParser(prog="python -m sammed3d_jax.predict", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--checkpoint", required=True, help="params dir, training workdir, Orbax dir or .pth file")
+    parser.add_argument("--image", required=True, help="input scan (.nii/.nii.gz)")
+    parser.add_argument("--points", required=True, help="clicks 'i,j,k:+;i,j,k:-' (voxel indices, or mm with --world)")
+    parser.add_argument("--out", required=True, help="output mask (.nii/.nii.gz), same grid as --image")
+    parser.add_argument("--world", action="store_true", help="points are world coordinates in mm (RAS+)")
+    parser.add_argument("--single-window", action="store_true", help="one crop around the clicks, no tiling")
+    parser.add_argument("--max-windows", type=int, default=27, help="most windows run when tiling (default 27)")
+    parser.add_argument("--config", default="", help="model variant/config JSON for checkpoints without one")
+    parser.add_argument("--dtype", default="", help="compute dtype override, e.g. float32")
+    args = parser.parse_args(argv)
+    from sammed3d_jax.checkpoint.pth_reader import CheckpointError
+    from sammed3d_jax.evaluation.checkpoints import load_checkpoint
+
+    try:
+        coords, positive = parse_points(args.points)
+        image, geom = read_image(args.image)
+        if not (args.out.endswith(".nii") or args.out.endswith(".nii.gz")):
+            raise ValueError(f"--out {args.out}: file name must end in .nii or .nii.gz")
+        loaded = load_checkpoint(args.checkpoint, args.config or None, args.dtype)
+        segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=max(8, len(coords) + 1))
+        result = predict_mask(segmenter, image, geom, coords, positive, world=args.world,
+                              tile=not args.single_window, max_windows=args.max_windows, source=args.image)
+        write_nifti(args.out, result.mask.astype(np.uint8), geom)
+    except (CheckpointError, DataFileError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    note = "" if result.complete else f" (stopped at --max-windows {args.max_windows}; the mask may be cut)"
+    print(f"wrote {args.out}: {int(result.mask.sum())} voxels in {len(result.windows)} window(s){note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

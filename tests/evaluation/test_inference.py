@@ -1,0 +1,161 @@
+"""Inference chain: exact geometry round trip with stand-in models, click protocol wiring, the ABSENT click buffer
+against exact-length decoding with the tiny model, one compilation for every click, bad-input messages."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from eval_standins import S, ball_segmenter, bright_image, box, geometry, threshold_segmenter
+
+from sammed3d_jax.checkpoint.torch_convert import abstract_variables
+from sammed3d_jax.data import transforms
+from sammed3d_jax.evaluation import inference
+from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.sam import Sam3D, upsample_logits
+from sammed3d_jax.shapes import ABSENT
+
+
+def _run_chain(segmenter, image, label, geom, spacing=(1.5, 1.5, 1.5)):
+    case = inference.resample_case(image, geom, label, spacing)
+    target = case.label > 0
+    roi = inference.crop_roi(case, inference.target_crop(target, S), target, name="case")
+    sim = inference.simulate_clicks(segmenter, roi, jax.random.key(0), (1, 2))
+    return roi, sim, inference.paste_back(sim.masks[2], roi.geom, geom)
+
+
+@pytest.mark.parametrize("kind", ["ras", "lps", "permuted", "oblique"])
+def test_geometry_chain_is_exact_at_the_model_spacing(kind):
+    # At 1.5 mm resampling is the identity, so RAS reorientation, crop, "perfect" prediction and paste-back must
+    # give back the label voxel for voxel, whatever the orientation (a flipped or shifted axis would not).
+    shape = (40, 36, 30)
+    label = box(shape, (5, 20, 3), (19, 29, 25)) & ~box(shape, (5, 20, 3), (8, 23, 6))  # asymmetric: flips show
+    geom = geometry(shape, kind=kind)
+    roi, sim, pasted = _run_chain(threshold_segmenter(), bright_image(label), label.astype(np.uint8), geom)
+    assert roi.image.shape == (S, S, S) and roi.geom.orientation == ("R", "A", "S")
+    np.testing.assert_array_equal(sim.masks[1], roi.gt)
+    assert pasted.shape == shape and pasted.dtype == bool
+    np.testing.assert_array_equal(pasted, label)
+
+
+@pytest.mark.parametrize("kind", ["lps", "oblique"])
+def test_geometry_chain_aligned_with_anisotropic_label(kind):
+    # 1.2 x 1.1 x 2.8 mm grid: resampling to 1.5 mm loses detail, but pasting the ROI's ground truth back must equal
+    # the plain nearest round trip (resample, resample back: no RAS, no crop) and must not shift the target.
+    shape = (60, 64, 24)
+    geom = geometry(shape, spacing=(1.2, 1.1, 2.8), kind=kind)
+    ijk = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ geom.affine[:3, :3].T + geom.affine[:3, 3]
+    centre = geom.affine[:3, :3] @ (np.array(shape) / 2 - 3) + geom.affine[:3, 3]
+    label = (np.sum(((world - centre) / [18.0, 14.0, 10.0]) ** 2, axis=1) <= 1).reshape(shape)
+    case = inference.resample_case(bright_image(label), geom, label.astype(np.uint8))
+    target = case.label > 0
+    roi = inference.crop_roi(case, inference.target_crop(target, S), target)
+    assert roi.gt.sum() == target.sum()  # the whole target is inside the crop
+    pasted = inference.paste_back(roi.gt, roi.geom, geom)
+    resampled, grid = transforms.resample_to_spacing(label.astype(np.uint8), geom, (1.5, 1.5, 1.5), order=0)
+    np.testing.assert_array_equal(pasted, transforms.resample_to_geometry(resampled, grid, geom, order=0) > 0)
+    assert 2 * (pasted & label).sum() / (pasted.sum() + label.sum()) > 0.95
+    centroid = [geom.affine[:3, :3] @ np.argwhere(m).mean(0) for m in (pasted, label)]
+    assert np.linalg.norm(centroid[0] - centroid[1]) < 0.5  # mm; one voxel off along any axis would be >= 1.1
+
+
+def test_simulated_clicks_come_from_the_error_of_the_previous_prediction():
+    gt = np.zeros((S, S, S), bool)
+    gt[4:20, 6:26, 8:14] = True
+    roi = inference.Roi(np.zeros((S, S, S), np.float32), gt, inference.window_at((S, S, S), (0, 0, 0), S),
+                        geometry((S, S, S)))
+    counts = tuple(range(1, 7))
+    for mode in ("random", "ritm_random"):
+        sim = inference.simulate_clicks(ball_segmenter(), roi, jax.random.key(3), counts, mode)
+        assert sim.points.shape == (6, 3) and len(sim.click_s) == 6 and sim.encode_s >= 0
+        previous = np.zeros_like(gt)
+        for t, (p, label) in enumerate(zip(sim.points.astype(int), sim.labels, strict=True)):
+            error = gt ^ previous
+            assert error[tuple(p)], f"{mode}: click {t + 1} at {p} outside the error region"
+            assert label == int(gt[tuple(p)])
+            previous = sim.masks[t + 1]
+        again = inference.simulate_clicks(ball_segmenter(), roi, jax.random.key(3), counts, mode)
+        np.testing.assert_array_equal(again.points, sim.points)  # seeded: same clicks for the same key
+
+
+def test_given_first_click_is_used_as_click_one():
+    gt = box((S, S, S), (10, 10, 10), (20, 20, 20))
+    roi = inference.Roi(np.zeros((S, S, S), np.float32), gt, inference.window_at((S, S, S), (0, 0, 0), S),
+                        geometry((S, S, S)))
+    sim = inference.simulate_clicks(ball_segmenter(), roi, jax.random.key(0), (1, 2), first_click=(16, 15, 14))
+    np.testing.assert_array_equal(sim.points[0], [16, 15, 14])
+    assert sim.labels[0] == 1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # Random weights in the model's exact tree (no init compilation): enough for buffer-vs-exact comparisons.
+    cfg = ModelConfig.variant("tiny")
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(np.float32), abstract_variables(cfg))
+    return cfg, variables
+
+
+def test_click_buffer_equals_decoding_with_exactly_the_present_clicks(tiny):
+    cfg, variables = tiny
+    s = cfg.image_size
+    seg = inference.Segmenter.from_model(variables, cfg, max_clicks=6)
+    roi = np.random.default_rng(0).normal(size=(s, s, s)).astype(np.float32)
+    clicks = [((3, 4, 5), True), ((20, 9, 30), False), ((16, 16, 16), True), ((0, 31, 7), False)]
+    model = Sam3D(cfg)
+    decode = jax.jit(lambda v, e, p, l, m: model.apply(v, e, p, l, m, multimask_output=False, method=Sam3D.decode))
+    inter = seg.start(roi)
+    for t, (point, positive) in enumerate(clicks, 1):
+        previous = inter.low_logits
+        inter = seg.click(inter, point, positive)
+        assert inter.n_clicks == t and (np.asarray(inter.labels[0, t:]) == ABSENT).all()
+        if t in (1, 3):  # each length compiles the reference once; two lengths keep the test fast
+            points = jnp.asarray([[p for p, _ in clicks[:t]]], jnp.float32)
+            labels = jnp.asarray([[int(q) for _, q in clicks[:t]]], jnp.int32)
+            low, _ = decode(variables, inter.embedding, points, labels, previous)
+            np.testing.assert_allclose(np.asarray(inter.low_logits), np.asarray(low), atol=1e-5)
+            full = upsample_logits(low, s)[..., 0]
+            np.testing.assert_allclose(np.asarray(inter.logits), np.asarray(full), atol=1e-5)
+    assert not np.array_equal(np.asarray(inter.low_logits), np.zeros_like(inter.low_logits))
+    assert seg._click._cache_size() == 1  # one compilation served every click count
+
+
+def test_simulated_interaction_replays_through_the_user_click_path(tiny):
+    cfg, variables = tiny
+    s = cfg.image_size
+    seg = inference.Segmenter.from_model(variables, cfg, max_clicks=6)
+    gt = box((s, s, s), (8, 10, 6), (20, 26, 18))
+    rng = np.random.default_rng(1)
+    roi = inference.Roi(rng.normal(size=(s, s, s)).astype(np.float32) + 2 * gt, gt,
+                        inference.window_at((s, s, s), (0, 0, 0), s), geometry((s, s, s)))
+    sim = inference.simulate_clicks(seg, roi, jax.random.key(7), (1, 2, 3, 4))
+    assert sim.labels[0] == 1 and gt[tuple(sim.points[0].astype(int))]
+    inter = seg.start(roi.image)
+    for t, (p, label) in enumerate(zip(sim.points, sim.labels, strict=True), 1):
+        inter = seg.click(inter, p, bool(label))
+        np.testing.assert_array_equal(inter.mask(), sim.masks[t])
+    assert seg._simulated["random"]._cache_size() == 1
+
+
+def test_bad_inputs_have_clear_messages():
+    seg = ball_segmenter(max_clicks=2)
+    inter = seg.start(np.zeros((S, S, S), np.float32))
+    with pytest.raises(ValueError, match=r"outside the 32\^3 ROI"):
+        seg.click(inter, (40, 1, 1), True)
+    with pytest.raises(ValueError, match="differs from the model's crop"):
+        seg.start(np.zeros((S, S, 8), np.float32))
+    inter = seg.click(seg.click(inter, (1, 1, 1), True), (2, 2, 2), True)
+    with pytest.raises(ValueError, match="click buffer full"):
+        seg.click(inter, (3, 3, 3), True)
+    empty = inference.Roi(np.zeros((S, S, S), np.float32), np.zeros((S, S, S), bool),
+                          inference.window_at((S, S, S), (0, 0, 0), S), geometry((S, S, S)))
+    with pytest.raises(ValueError, match="ground-truth target is empty"):
+        inference.simulate_clicks(seg, empty, jax.random.key(0), (1,))
+    with pytest.raises(ValueError, match="click mode"):
+        inference.click_rule("bogus", 0)
+    case = inference.resample_case(np.zeros((40, 40, 40), np.float32), geometry((40, 40, 40)))
+    with pytest.raises(ValueError, match="no voxel > 0.*scan.nii.gz"):
+        inference.crop_roi(case, inference.window_at(case.geom.shape, (0, 0, 0), S), name="scan.nii.gz")
+    assert dataclasses.is_dataclass(case)
