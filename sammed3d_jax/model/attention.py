@@ -109,20 +109,28 @@ def _softmax_with_extra(logits, extra_logit, v, extra_value):
     return out / jnp.transpose(denom, (0, 2, 1))[..., None]
 
 
+def fused_attention(q, k, v, bias, extra_logit, extra_value, scale: float, implementation: str = "cudnn"):
+    """The same attention through ``jax.nn.dot_product_attention``: the padded-key term becomes one extra key
+    column (key 0, value ``extra_value``, bias ``extra_logit``), plus one fully masked column so the key length
+    stays even (cuDNN requires it for bias gradients). ``implementation="xla"`` runs the same construction on any
+    backend (used by the tests)."""
+    b, nk, h, c = k.shape
+    if extra_logit is not None:
+        k = jnp.concatenate([k, jnp.zeros((b, 2, h, c), k.dtype)], axis=1)
+        pad_v = jnp.stack([extra_value.astype(v.dtype), jnp.zeros((h, c), v.dtype)])
+        v = jnp.concatenate([v, jnp.broadcast_to(pad_v, (b, 2, h, c))], axis=1)
+        masked = jnp.full(extra_logit.shape, _NEG, jnp.float32)
+        bias = jnp.concatenate([bias, extra_logit[..., None], masked[..., None]], axis=-1)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=scale,
+                                       implementation=implementation)
+    return out.astype(jnp.float32)
+
+
 def attend(q, k, v, bias, extra_logit, extra_value, scale: float, impl: str):
     """Multi-head attention of q [b, q, h, c] over k, v [b, k, h, c] with an additive float32 bias [b, h, q, k]
     and an optional extra key column (``extra_logit`` [b, h, q] f32, value ``extra_value`` [h, c])."""
     if impl == "cudnn":
-        b, nk, h, c = k.shape
-        if extra_logit is not None:
-            zeros = jnp.zeros((b, 2, h, c), k.dtype)
-            k = jnp.concatenate([k, zeros], axis=1)
-            pad_v = jnp.stack([extra_value.astype(v.dtype), jnp.zeros((h, c), v.dtype)])
-            v = jnp.concatenate([v, jnp.broadcast_to(pad_v, (b, 2, h, c))], axis=1)
-            masked = jnp.full(extra_logit.shape, _NEG, jnp.float32)
-            bias = jnp.concatenate([bias, extra_logit[..., None], masked[..., None]], axis=-1)
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=scale, implementation="cudnn")
-        return out.astype(jnp.float32)
+        return fused_attention(q, k, v, bias, extra_logit, extra_value, scale, "cudnn")
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}")
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32) * scale

@@ -107,3 +107,19 @@ def test_bfloat16_is_stable(rel_scale):
     assert rel_err(y16) <= 1.1 * rel_err(y16_naive) + 1e-3, (rel_err(y16), rel_err(y16_naive))
     grads = jax.grad(lambda p: jnp.sum(exact.apply({"params": p}, x).astype(jnp.float32)))(params)
     assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_fused_attention_extra_column_construction():
+    """The cuDNN path's extra-column encoding of the padded keys, run through XLA here (no GPU in CI)."""
+    from sammed3d_jax.model.attention import attend, fused_attention
+    ks = jax.random.split(jax.random.key(0), 6)
+    b, nq, nk, h, c = 2, 5, 7, 3, 8
+    q, k, v = (jax.random.normal(kk, (b, n, h, c)) for kk, n in zip(ks[:3], (nq, nk, nk)))
+    bias = jax.random.normal(ks[3], (b, h, nq, nk))
+    extra = 2.0 + jax.random.normal(ks[4], (b, h, nq))
+    bv = jax.random.normal(ks[5], (h, c))
+    want = attend(q, k, v, bias, extra, bv, c ** -0.5, "xla")
+    got = fused_attention(q, k, v, bias, extra, bv, c ** -0.5, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused_attention(q, k, v, bias, None, None, c ** -0.5, implementation="xla"),
+                               attend(q, k, v, bias, None, None, c ** -0.5, "xla"), rtol=1e-5, atol=1e-5)
