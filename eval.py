@@ -32,8 +32,7 @@ def main(argv):
         sys.exit(f"error: no checkpoint at {checkpoint}: run `python train.py` first (or pass --checkpoint DIR)")
     out = _OUT.value or os.path.join(checkpoint if os.path.isdir(checkpoint) else ".", "eval")
     try:
-        data = _DATA.value or runner.default_datasets(checkpoint, config.mni152)
-        runner.evaluate(config, checkpoint, data, out)
+        runner.evaluate(config, checkpoint, _DATA.value or None, out)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
 

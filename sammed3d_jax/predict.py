@@ -232,7 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-windows", type=int, default=27, help="most windows run when tiling (default 27)")
     parser.add_argument("--config", default="", help="model variant/config JSON for checkpoints without one")
     parser.add_argument("--dtype", default="", help="compute dtype override, e.g. float32")
-    args = parser.parse_args(argv)
+    argv, glued = list(sys.argv[1:] if argv is None else argv), []
+    # World coordinates start with "-" (e.g. "-20.5,3,4:+"), which argparse would read as an option: glue the
+    # value of --points to its flag.
+    while argv:
+        arg = argv.pop(0)
+        glued.append(f"--points={argv.pop(0)}" if arg == "--points" and argv else arg)
+    args = parser.parse_args(glued)
     from sammed3d_jax.checkpoint.pth_reader import CheckpointError
     from sammed3d_jax.evaluation.checkpoints import load_checkpoint
 

@@ -130,8 +130,11 @@ def _score(pred, gt, spacing, options: EvalOptions) -> tuple[float, float]:
 
 
 def evaluate_target(segmenter: inference.Segmenter, case: inference.ResampledCase, label: np.ndarray,
-                    record: Record, options: EvalOptions) -> tuple[dict[str, Any], np.ndarray]:
-    """Scores one target of a resampled case. Returns (metrics and timings row part, pasted mask at the last count).
+                    record: Record, options: EvalOptions) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Scores one target of a resampled case.
+
+    Returns:
+        (metrics and timings for its row, the pasted mask at the last count, or None when not needed).
 
     Raises:
         ValueError: empty target (on the original grid or after resampling), naming the label file.
@@ -356,8 +359,14 @@ def default_datasets(workdir: str, mni152: bool = True) -> list[str]:
     return data
 
 
-def evaluate(config, checkpoint: str, data: Sequence[str], out: str) -> dict[str, Any]:
+def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str) -> dict[str, Any]:
     """Loads ``checkpoint``, discovers ``data`` (folders or manifests) and evaluates with the ``config`` protocol.
+
+    Args:
+        config: the evaluation ConfigDict (``evaluation/config.py``).
+        checkpoint: see ``evaluation/checkpoints.py``.
+        data: dataset folders or manifests; None = the training workdir's own data (``default_datasets``).
+        out: output folder.
 
     Returns:
         The summary; also printed as a table.
@@ -366,6 +375,8 @@ def evaluate(config, checkpoint: str, data: Sequence[str], out: str) -> dict[str
 
     options = options_from_config(config)
     loaded = load_checkpoint(checkpoint, config.model_config or None, config.dtype)
+    if not data:
+        data = default_datasets(checkpoint, config.mni152)
     records, problems = [], []
     for dataset in data:
         found, issues = load_records(dataset, split=config.split)

@@ -87,5 +87,6 @@ def write_nnunet_case(root, case: str, image: np.ndarray, label: np.ndarray, geo
 
 def write_dataset_json(root, labels: dict[str, int]) -> None:
     meta = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, **labels}, "file_ending": ".nii.gz"}
+    os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump(meta, f)
