@@ -76,8 +76,11 @@ def make_mesh(spec: Sequence[tuple[str, int]] = (("data", -1),), devices: Sequen
         if len(devices) % known:
             raise ValueError(f"mesh spec {list(spec)} does not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh spec {list(spec)} needs {int(np.prod(sizes))} devices, {len(devices)} available")
+    needed = int(np.prod(sizes))
+    if needed < len(devices) and jax.process_count() == 1:
+        devices = devices[:needed]  # An explicit smaller mesh (debugging, tests) uses the first devices.
+    if needed != len(devices):
+        raise ValueError(f"mesh spec {list(spec)} needs {needed} devices, {len(devices)} available")
     # Auto axes: the step is written for GSPMD propagation (jax.make_mesh would default to Explicit axes).
     auto = (AxisType.Auto,) * len(names)
     if len(devices) == jax.device_count():
@@ -183,6 +186,23 @@ def shard_host_batch(batch: Any, mesh: Mesh) -> Any:
     """
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Places host values that are identical on every process (e.g. PRNG keys) as replicated global arrays.
+
+    ``jax.device_put`` refuses shardings that span other processes, so each leaf goes through
+    ``make_array_from_process_local_data`` (typed PRNG keys via their raw ``key_data``).
+    """
+    sharding = replicated(mesh)
+
+    def one(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(x)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(one, tree)
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:

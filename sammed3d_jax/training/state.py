@@ -30,11 +30,12 @@ class TrainState(flax.struct.PyTreeNode):
       skipped: int32 scalar, micro-batches dropped for non-finite gradients.
     """
 
-    step: jax.Array
+    # Leaves are typed Any: the same class also carries shardings and ShapeDtypeStructs (abstract states).
+    step: Any
     params: Any
     buffers: Any
     opt_state: Any
-    skipped: jax.Array
+    skipped: Any
 
     @property
     def variables(self) -> dict[str, Any]:

@@ -1,0 +1,38 @@
+"""The embedded CPU default of `python train.py`: the upstream recipe shrunk to a few minutes on two CPU cores.
+
+A synthetic dataset (sammed3d_jax.data.synthetic, 3 targets per case) is generated and prepared in
+<workdir>/data, and the `small` model (64^3 crops, 4^3 token grid) trains from scratch in float32 with the upstream
+click loop (random prompt-less step, last step prompt-less, newest click only), AdamW with the x0.1 groups and
+weight decay 0.1, but without gradient accumulation and with a constant lr so the curves move within minutes.
+Derived from configs/common.py by override.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, steps=600, cases=8)
+    c = common.base_config()
+    c.seed = 0
+    c.model.variant = "small"
+    c.model.dtype = "float32"  # CPU: bfloat16 matmuls are emulated and slower.
+    c.model.remat_encoder_blocks = False
+    c.data.synthetic_cases = a.cases
+    c.batch_size = 4
+    c.total_steps = a.steps
+    c.clicks.max_clicks = 7
+    c.clicks.min_clicks = 1
+    c.clicks.random_insert = (2, 6)
+    c.optim.accum_steps = 1
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 20
+    c.optim.final_lr_fraction = 0.1
+    c.checkpoint.every_steps = 200
+    c.log_every_steps = 10
+    c.plot_every_steps = 100
+    return c

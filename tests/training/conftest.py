@@ -1,0 +1,35 @@
+"""Session fixtures of the training tests: tiny variables, one fixed batch, the compiled single-device step."""
+
+import jax
+import pytest
+
+from sammed3d_jax import parallel
+from sammed3d_jax.model.sam import init_variables
+from train_helpers import TINY, build_step, make_batch, run_steps
+
+
+@pytest.fixture(scope="session")
+def tiny_batch():
+    return make_batch()
+
+
+@pytest.fixture(scope="session")
+def tiny_variables():
+    return jax.jit(init_variables, static_argnums=0)(TINY, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def single_device_step(tiny_variables):
+    """The compiled single-device step (reused by every test that compares against one device)."""
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    fn, new_state, key = build_step(mesh, tiny_variables)
+    return mesh, fn, new_state, key
+
+
+@pytest.fixture(scope="session")
+def replicated_8_device_run(tiny_variables, tiny_batch):
+    """Two steps of the replicated step on all 8 devices: (mesh, final state, per-step metrics)."""
+    mesh = parallel.make_mesh()
+    fn, new_state, key = build_step(mesh, tiny_variables)
+    state, history = run_steps(fn, new_state(), key, mesh, tiny_batch, 2)
+    return mesh, state, history

@@ -1,0 +1,77 @@
+"""The train step: learning on a fixed batch, click masking without recompiles, 8-device and FSDP equivalence."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train_helpers import BATCH, STEP, TINY, build_step, run_steps
+from sammed3d_jax import parallel
+from sammed3d_jax.model.sam import Sam3D
+from sammed3d_jax.training import step as step_lib
+
+
+def _assert_states_close(a, b, atol=1e-5):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_loss_falls_on_a_fixed_batch(single_device_step, tiny_batch):
+    mesh, fn, new_state, key = single_device_step
+    state, history = run_steps(fn, new_state(), key, mesh, tiny_batch, 20)
+    losses = np.array([m["loss"] for m in history])
+    assert np.all(np.isfinite(losses))
+    assert losses[-3:].mean() < 0.8 * losses[:3].mean(), np.round(losses, 3)
+    assert int(state.step) == 20 and int(history[-1]["updates"]) == 20 and int(state.skipped) == 0
+    assert history[0]["dice_per_click"].shape == (STEP.max_clicks,)
+
+
+def test_click_count_is_traced_and_masks_later_steps(tiny_batch, tiny_variables):
+    variables = tiny_variables
+    batch = {k: jnp.asarray(v[:2]) for k, v in tiny_batch.items()}
+    key = jax.random.key(3)
+
+    def loss_fn(cfg):
+        return jax.jit(functools.partial(step_lib.interactive_loss, model=Sam3D(TINY), cfg=cfg))
+
+    long = loss_fn(step_lib.StepConfig(max_clicks=3, min_clicks=1))
+    short = loss_fn(step_lib.StepConfig(max_clicks=2, min_clicks=1))
+    results = {n: long(variables["params"], variables["buffers"], batch, key, jnp.int32(n)) for n in (1, 2, 3)}
+    assert long._cache_size() == 1  # Three click counts, one compilation.
+    loss2, aux2 = results[2]
+    ref_loss, ref_aux = short(variables["params"], variables["buffers"], batch, key, jnp.int32(2))
+    np.testing.assert_allclose(loss2, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(aux2["loss_per_click"][:2], ref_aux["loss_per_click"], rtol=1e-6)
+    assert aux2["loss_per_click"][2] == 0 and np.isnan(aux2["dice_per_click"][2])
+    # One click = the last step = prompt-less: a different loss than the 2-click run's first step.
+    assert results[1][0] != pytest.approx(float(aux2["loss_per_click"][0]))
+    np.testing.assert_allclose(results[3][0], np.sum(results[3][1]["loss_per_click"]), rtol=1e-6)
+
+
+def test_eight_devices_equal_one_device(single_device_step, replicated_8_device_run, tiny_batch):
+    mesh1, fn1, new_state1, key1 = single_device_step
+    ref_state, ref_hist = run_steps(fn1, new_state1(), key1, mesh1, tiny_batch, 2)
+    mesh8, out_state, hist = replicated_8_device_run
+    assert mesh8.size == 8 and BATCH % 8 == 0
+    assert out_state.params["image_encoder"]["pos_embed"].sharding.mesh.size == 8
+    for ref, got in zip(ref_hist, hist):
+        for k in ("loss", "grad_norm", "dice_last"):
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    _assert_states_close(out_state, ref_state)
+
+
+def test_fsdp_equals_replicated(replicated_8_device_run, tiny_batch, tiny_variables):
+    mesh, out_r, hist_r = replicated_8_device_run
+    fn_f, new_f, key = build_step(mesh, tiny_variables, rules=((".*", "fsdp"),))
+    state_f = new_f()
+    kernel = state_f.params["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"]
+    assert kernel.sharding.spec != jax.sharding.PartitionSpec()  # Really sharded: one eighth per device.
+    assert {s.data.size for s in kernel.addressable_shards} == {kernel.size // 8}
+    mu = state_f.opt_state.inner_opt_state[0].mu["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"]
+    assert mu.sharding.spec == kernel.sharding.spec  # Adam moments follow their parameter.
+    out_f, hist_f = run_steps(fn_f, state_f, key, mesh, tiny_batch, 2)
+    np.testing.assert_allclose([h["loss"] for h in hist_f], [h["loss"] for h in hist_r], rtol=1e-5)
+    _assert_states_close(out_f, out_r)
