@@ -1,0 +1,70 @@
+"""End to end on CPU, tiny: train a few steps on a generated synthetic dataset, evaluate the training workdir on that
+dataset with simulated clicks, and predict a mask for one of its scans from the command line."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sammed3d_jax import predict
+from sammed3d_jax.data.nifti import read_geometry, read_label
+from sammed3d_jax.evaluation import runner
+from sammed3d_jax.evaluation.config import get_config as eval_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _training_config():
+    # The default CPU recipe (configs/default.py), shrunk to the tiny model and two steps.
+    spec = importlib.util.spec_from_file_location("default_training_config", os.path.join(REPO, "configs",
+                                                                                          "default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("steps=2,cases=2")
+    c.model.variant = "tiny"
+    c.batch_size = 8  # one sample per fake CPU device (tests run with 8)
+    c.data.min_crop_foreground = 100  # tiny 32^3 crops hold fewer target voxels than 128^3 ones
+    c.optim.warmup_steps = 1
+    c.clicks.max_clicks = 2
+    c.clicks.min_clicks = 1
+    c.clicks.random_insert = ()
+    c.checkpoint.every_steps = 2  # one save (the last step): each Orbax save costs seconds on 8 fake devices
+    c.checkpoint.async_save = False
+    c.log_every_steps = 1
+    c.plot_every_steps = 1000
+    c.progress = False
+    c.export_params = False  # evaluation and prediction read the Orbax checkpoint of the workdir
+    return c
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict(tmp_path, capsys):
+    from sammed3d_jax.training.loop import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    state = train_and_evaluate(_training_config(), str(workdir))
+    assert int(state.step) == 2
+
+    config = eval_config()
+    config.click_counts = (1, 8)  # 8: the click buffer predict builds below, so its compilation is reused
+    config.max_cases = 1
+    config.mni152 = False
+    config.progress = False
+    summary = runner.evaluate(config, str(workdir), None, str(tmp_path / "eval"))
+    assert summary["checkpoint"]["kind"] == "workdir" and summary["checkpoint"]["step"] == 2
+    assert summary["counts"]["cases"] == 1 and summary["counts"]["scored"] == 3 and summary["counts"]["failed"] == 0
+    on_disk = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert 0.0 <= on_disk["overall"]["dice_8"]["mean"] <= 1.0 and on_disk["overall"]["dice_8"]["n"] == 3
+    assert (tmp_path / "eval" / "dice_vs_clicks.png").exists() and (tmp_path / "eval" / "per_target.csv").exists()
+    assert "synth/ellipsoid" not in on_disk["per_target"] and "synthetic/ellipsoid" in on_disk["per_target"]
+
+    image = workdir / "data" / "synthetic" / "imagesTr" / "synth_000_0000.nii.gz"
+    label, _ = read_label(workdir / "data" / "synthetic" / "labelsTr" / "synth_000.nii.gz")
+    inside = np.argwhere(label == 1)[len(np.argwhere(label == 1)) // 2]
+    out = tmp_path / "mask.nii.gz"
+    code = predict.main(["--checkpoint", str(workdir), "--image", str(image),
+                         "--points", "{},{},{}:+".format(*inside), "--out", str(out), "--max-windows", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert read_geometry(out) == read_geometry(image)
