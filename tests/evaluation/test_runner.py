@@ -137,3 +137,12 @@ def test_eval_cli_without_a_trained_checkpoint_says_to_train_first(tmp_path):
                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
         assert proc.returncode == 1, proc.stderr
         assert "python train.py" in proc.stderr and str(ckpt) in proc.stderr
+
+
+def test_paper_crop_centred_on_the_first_click(dataset, tmp_path):
+    _, records, _ = dataset
+    options = runner.EvalOptions(click_counts=(1, 2), crop="first_click", click_mode="ritm_random")
+    b = [r for r in records if r.case == "B" and r.label_value == 1]
+    row = runner.evaluate_records(threshold_segmenter(max_clicks=2), b, options, str(tmp_path))["metric_per_target"][0]
+    # The 32^3 window around any voxel of the 10^3 target holds the whole predicted box: the same Dice as before.
+    assert row["status"] == "ok" and row["first_label"] == 1 and row["dice_2"] == pytest.approx(2 / 3, abs=1e-6)
