@@ -128,7 +128,8 @@ def target_crop(mask: Shaped[np.ndarray, "h w d"], crop_size: int) -> transforms
     return transforms.crop_or_pad_box(mask, (crop_size,) * 3)
 
 
-def window_at(source_shape: Sequence[int], start: Sequence[int], crop_size: int) -> transforms.CropPad:
+def window_at(source_shape: Sequence[int] | np.ndarray, start: Sequence[int] | np.ndarray, crop_size: int
+              ) -> transforms.CropPad:
     """A ``crop_size``³ window whose voxel 0 is ``start`` of the source (may lie partly outside: zero padding)."""
     return transforms.CropPad(tuple(int(s) for s in source_shape), tuple(int(s) for s in start), (crop_size,) * 3)
 
