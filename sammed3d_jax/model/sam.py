@@ -99,7 +99,9 @@ def _init_variables_jit(cfg: ModelConfig, key: jax.Array) -> dict:
     points = jnp.zeros((1, 1, 3), jnp.float32)
     labels = jnp.ones((1, 1), jnp.int32)
     mask = jnp.zeros((1, g4, g4, g4, 1), jnp.float32)
-    variables = Sam3D(cfg).init(key, volume, points, labels, mask, method=Sam3D._init_all)
+    # The init trace only needs shapes: use the portable attention path whatever the config asks for.
+    variables = Sam3D(cfg.replace(attention_impl="xla")).init(key, volume, points, labels, mask,
+                                                             method=Sam3D._init_all)
     return {"params": variables["params"], "buffers": variables["buffers"]}
 
 
