@@ -13,15 +13,21 @@ clicks inside the window one after another, each decode seeing every click so fa
 Windows (upstream crops around the ground truth, which a user does not have; the paper extends a first crop with
 50 %-overlap sliding windows where the prediction reaches the patch edge, which is what we do):
 
-1. The first window is centred on the bounding box of the clicks. If the clicks span more than ``S`` along an
-   axis, that axis is tiled with stride ``S/2`` over the clicks' extent instead. A window without a positive click
-   is not run (negative clicks alone do not name a target).
-2. Growth: when a window's mask touches one of its faces (foreground within ``edge_margin`` voxels of it) and the
+1. The first window is centred on the bounding box of the positive clicks. If they span more than ``S`` along an
+   axis, that axis is tiled with stride ``S/2`` over their extent instead. A window without a positive click is
+   not run (negative clicks alone do not name a target).
+2. Optional recentring (``--recentre N``, default 0 = off): upstream crops are centred on the target's bounding
+   box (in training too), and such models segment best with the target in the middle of the window, which a
+   click on the target's edge does not give. With N > 0 a single first window is moved onto the bounding box of
+   its own prediction (along the axes where the mask stays clear of the faces, and only if no click leaves or
+   enters the window) and run again, at most N times; only the last run is kept. With the CPU demo model this
+   helped for some clicks and hurt for others (a false positive drags the window away), hence off by default.
+3. Growth: when a window's mask touches one of its faces (foreground within ``edge_margin`` voxels of it) and the
    volume continues beyond that face, a neighbour window shifted by ``S/2`` across that face is queued. It is
    prompted with a positive click at the deepest point (Euclidean distance transform maximum) of the current
    mask inside the two windows' overlap, plus any user clicks inside it.
-3. This repeats breadth-first until no mask touches an open face or ``max_windows`` windows ran (then the result
-   says so). ``--single-window`` runs only step 1's first window, as upstream does.
+4. This repeats breadth-first until no mask touches an open face or ``max_windows`` windows ran (then the result
+   says so). ``--single-window`` keeps only the first window (after recentring), as upstream keeps one crop.
 
 Must not import the training code or configs.
 """
@@ -95,11 +101,13 @@ class Prediction:
         mask: bool ``[h, w, d]`` on the input image's grid.
         windows: start index (model grid) of every window run, in order.
         complete: False when growth stopped at ``max_windows`` with windows still queued.
+        recentred: how often the first window was moved onto its own prediction before being kept.
     """
 
     mask: np.ndarray
     windows: tuple[tuple[int, int, int], ...]
     complete: bool
+    recentred: int = 0
 
 
 def _initial_starts(points: np.ndarray, positive: np.ndarray, size: int, tile: bool) -> list[tuple[int, ...]]:
@@ -132,10 +140,63 @@ def _deepest(mask: np.ndarray, box: tuple[slice, ...]) -> np.ndarray | None:
     return np.asarray([b.start + i for b, i in zip(box, local, strict=True)], np.float32)
 
 
+def _window_clicks(points, positive, start, size, seed):
+    inside = _inside(points, start, size)
+    own = [(p, bool(s)) for p, s, i in zip(points, positive, inside, strict=True) if i]
+    return ([(seed, True)] if seed is not None else []) + own
+
+
+def _run_window(segmenter, case, start, clicks, source) -> np.ndarray:
+    """Probabilities ``[S, S, S]`` of one window after feeding its clicks one by one (raises if not normalisable)."""
+    crop = inference.window_at(case.geom.shape, start, segmenter.crop_size)
+    roi = inference.crop_roi(case, crop, name=f"{source} window at {list(start)}")
+    inter = segmenter.start(roi.image)
+    for p, positive in clicks:
+        inter = segmenter.click(inter, np.asarray(p) - np.asarray(start), positive)
+    return special.expit(np.asarray(inter.logits[0], np.float32))
+
+
+def _recentred(start, local_mask, size, points, edge_margin):
+    """The window centred (torchio's rule) on the mask's bounding box along the axes where the mask stays clear of
+    both faces, or None when that changes nothing or would drop a click of the window."""
+    fg = np.argwhere(local_mask)
+    if not len(fg):
+        return None
+    lo, hi = fg.min(0), fg.max(0) + 1
+    new = list(start)
+    for a in range(3):
+        if lo[a] >= edge_margin and hi[a] <= size - edge_margin:
+            new[a] = start[a] + math.floor((lo[a] + hi[a]) / 2 - size / 2)
+    new = tuple(int(v) for v in new)
+    if new == tuple(start) or not np.array_equal(_inside(points, start, size), _inside(points, new, size)):
+        return None
+    return new
+
+
+def _grown(start, mask, size, shape, edge_margin):
+    """(neighbour start, overlap box) for each face of the window that the mask touches and the volume continues."""
+    out = []
+    for axis, side in itertools.product(range(3), (-1, 1)):
+        lo, hi = start[axis], start[axis] + size
+        if (side < 0 and lo <= 0) or (side > 0 and hi >= shape[axis]):
+            continue  # the window already reaches the volume border there
+        face = slice(max(lo, 0), min(lo + edge_margin, shape[axis])) if side < 0 else slice(
+            max(hi - edge_margin, 0), min(hi, shape[axis]))
+        box = [slice(max(s, 0), min(s + size, n)) for s, n in zip(start, shape, strict=True)]
+        if not mask[tuple(box[:axis] + [face] + box[axis + 1:])].any():
+            continue
+        new = list(start)
+        new[axis] = max(lo - size // 2, 0) if side < 0 else min(lo + size // 2, max(int(shape[axis]) - size, 0))
+        overlap = tuple(slice(max(a, b, 0), min(a + size, b + size, n)) for a, b, n in zip(start, new, shape,
+                                                                                          strict=True))
+        out.append((tuple(new), overlap))
+    return out
+
+
 def predict_mask(segmenter: inference.Segmenter, image: Float[np.ndarray, "h w d"], geom: Geometry,
                  coords: Float[np.ndarray, "n 3"], positive: Bool[np.ndarray, " n"], *, world: bool = False,
                  spacing_mm: Sequence[float] = inference.DEFAULT_SPACING_MM, tile: bool = True, max_windows: int = 27,
-                 edge_margin: int = 2, source: str = "image") -> Prediction:
+                 recentre: int = 0, edge_margin: int = 2, source: str = "image") -> Prediction:
     """Segments the target named by the clicks (see the module docstring for the windows).
 
     Args:
@@ -143,8 +204,9 @@ def predict_mask(segmenter: inference.Segmenter, image: Float[np.ndarray, "h w d
         image: the scan as read from the file, with ``geom``.
         coords: clicks, file voxel indices (or world mm with ``world``); ``positive`` marks target clicks.
         spacing_mm: the model's resampling target.
-        tile: tile and grow windows (False: one window centred on the clicks).
-        max_windows: the most windows run.
+        tile: tile and grow windows (False: one window around the clicks).
+        max_windows: the most windows run (recentring runs not counted).
+        recentre: the most times the first window is recentred on its own prediction.
         edge_margin: mask voxels this close to an open window face make the window grow there.
         source: name of the image for messages.
 
@@ -164,26 +226,28 @@ def predict_mask(segmenter: inference.Segmenter, image: Float[np.ndarray, "h w d
     prob_sum = np.zeros(case.geom.shape, np.float32)
     weight = np.zeros(case.geom.shape, np.float32)
     queue = collections.deque((s, None) for s in starts)
-    queued, ran, problems = set(starts), [], []
+    queued, ran, problems, recentred = set(starts), [], [], 0
     while queue and len(ran) < max_windows:
         start, seed = queue.popleft()
-        inside = _inside(points, start, size)
-        clicks = ([(seed, True)] if seed is not None else []) + [
-            (p, bool(s)) for p, s, i in zip(points, positive, inside, strict=True) if i]
+        clicks = _window_clicks(points, positive, start, size, seed)
         if not any(s for _, s in clicks):
             queued.discard(start)  # a later grown window may reach it with a propagated click
             continue
-        crop = inference.window_at(case.geom.shape, start, size)
         try:
-            roi = inference.crop_roi(case, crop, name=f"{source} window at {list(start)}")
+            prob = _run_window(segmenter, case, start, clicks, source)
         except ValueError as err:  # e.g. a window over empty background (no voxel > 0): nothing to segment
             problems.append(str(err))
             continue
-        inter = segmenter.start(roi.image)
-        for p, s in clicks:
-            inter = segmenter.click(inter, np.asarray(p) - np.asarray(start), s)
-        prob = special.expit(np.asarray(inter.logits[0], np.float32))
-        src, dst = crop._overlap()
+        if not ran and len(starts) == 1 and recentred < recentre:
+            # Upstream crops are centred on the target (CropOrPad around the label, in training too), and models
+            # segment best with the target in the middle of the window; clicks need not be there.
+            new = _recentred(start, prob > 0.5, size, points, edge_margin)
+            if new is not None:
+                recentred += 1
+                queue.appendleft((new, None))
+                queued.add(new)
+                continue
+        src, dst = inference.window_at(case.geom.shape, start, size)._overlap()
         prob_sum[src] += prob[dst]
         weight[src] += 1.0
         ran.append(tuple(int(s) for s in start))
@@ -191,23 +255,8 @@ def predict_mask(segmenter: inference.Segmenter, image: Float[np.ndarray, "h w d
             break
         mask = np.zeros(case.geom.shape, bool)
         mask[src] = prob[dst] > 0.5
-        for axis, side in itertools.product(range(3), (-1, 1)):
-            lo, hi = start[axis], start[axis] + size
-            if (side < 0 and lo <= 0) or (side > 0 and hi >= shape[axis]):
-                continue  # the window already reaches the volume border there
-            face = slice(max(lo, 0), min(lo + edge_margin, shape[axis])) if side < 0 else slice(
-                max(hi - edge_margin, 0), min(hi, shape[axis]))
-            box = [slice(max(s, 0), min(s + size, n)) for s, n in zip(start, shape, strict=True)]
-            if not mask[tuple(box[:axis] + [face] + box[axis + 1:])].any():
-                continue
-            new = list(start)
-            new[axis] = max(lo - size // 2, 0) if side < 0 else min(lo + size // 2, max(int(shape[axis]) - size, 0))
-            new = tuple(new)
-            if new in queued:
-                continue
-            overlap = tuple(slice(max(a, b, 0), min(a + size, b + size, n)) for a, b, n in zip(start, new, shape,
-                                                                                              strict=True))
-            deepest = _deepest(mask, overlap)
+        for new, overlap in _grown(start, mask, size, shape, edge_margin):
+            deepest = None if new in queued else _deepest(mask, overlap)
             if deepest is not None:
                 queue.append((new, deepest))
                 queued.add(new)
@@ -217,7 +266,7 @@ def predict_mask(segmenter: inference.Segmenter, image: Float[np.ndarray, "h w d
     ras_mask = np.zeros(case.geom.shape, bool)
     ras_mask[covered] = prob_sum[covered] / weight[covered] > 0.5
     mask = inference.paste_back(ras_mask, case.geom, case.original_geom)
-    return Prediction(mask, tuple(ran), not queue)
+    return Prediction(mask, tuple(ran), not queue, recentred)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--world", action="store_true", help="points are world coordinates in mm (RAS+)")
     parser.add_argument("--single-window", action="store_true", help="one crop around the clicks, no tiling")
     parser.add_argument("--max-windows", type=int, default=27, help="most windows run when tiling (default 27)")
+    parser.add_argument("--recentre", type=int, default=0,
+                        help="times the first window may move onto its own prediction (default 0: never)")
     parser.add_argument("--config", default="", help="model variant/config JSON for checkpoints without one")
     parser.add_argument("--dtype", default="", help="compute dtype override, e.g. float32")
     argv, glued = list(sys.argv[1:] if argv is None else argv), []
@@ -250,12 +301,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_checkpoint(args.checkpoint, args.config or None, args.dtype)
         segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=max(8, len(coords) + 1))
         result = predict_mask(segmenter, image, geom, coords, positive, world=args.world,
-                              tile=not args.single_window, max_windows=args.max_windows, source=args.image)
+                              tile=not args.single_window, max_windows=args.max_windows, recentre=args.recentre,
+                              source=args.image)
         write_nifti(args.out, result.mask.astype(np.uint8), geom)
     except (CheckpointError, DataFileError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     note = "" if result.complete else f" (stopped at --max-windows {args.max_windows}; the mask may be cut)"
+    if not result.mask.any():
+        note += " (empty: try a click nearer the middle of the target, or more clicks)"
     print(f"wrote {args.out}: {int(result.mask.sum())} voxels in {len(result.windows)} window(s){note}")
     return 0
 

@@ -90,3 +90,18 @@ def write_dataset_json(root, labels: dict[str, int]) -> None:
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump(meta, f)
+
+
+def _decode_central(variables, embedding, points, labels, low):
+    # Bright voxels within 14 voxels of the window centre: a model that only sees a target in the middle.
+    grid = jnp.stack(jnp.meshgrid(*[jnp.arange(S, dtype=jnp.float32)] * 3, indexing="ij"), -1)
+    near = jnp.linalg.norm(grid - (S - 1) / 2, axis=-1) <= 14.0
+    full = jnp.where(near[None, ..., None], embedding, -1.0)
+    return full[:, ::4, ::4, ::4], full
+
+
+def central_segmenter(max_clicks: int = 10) -> Segmenter:
+    """Predicts the bright voxels near the window centre only (position-dependent, like a model trained on crops
+    centred on their target)."""
+    return Segmenter({}, crop_size=S, low_res_size=S // 4, max_clicks=max_clicks, encode_fn=_encode_identity,
+                     decode_fn=_decode_central)

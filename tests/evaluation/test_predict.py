@@ -4,7 +4,7 @@ a stand-in model), and the CLI end to end with a tiny checkpoint, including its 
 import jax
 import numpy as np
 import pytest
-from eval_standins import bright_image, box, geometry, threshold_segmenter
+from eval_standins import bright_image, box, central_segmenter, geometry, threshold_segmenter
 
 from sammed3d_jax import predict
 from sammed3d_jax.checkpoint.params_io import save_params
@@ -72,6 +72,19 @@ def test_large_target_is_covered_by_grown_windows():
         predict.predict_mask(threshold_segmenter(), image, geom, ends, np.array([True, True]), tile=False)
     with pytest.raises(ValueError, match="at least one positive"):
         predict.predict_mask(threshold_segmenter(), image, geom, click, np.array([False]))
+
+
+def test_first_window_is_recentred_on_its_prediction():
+    shape = (60, 50, 40)
+    geom = geometry(shape, kind="lps")
+    target = box(shape, (20, 15, 10), (36, 31, 26))  # 16^3: a 14-voxel ball covers it only when centred on it
+    image = bright_image(target)
+    corner = np.array([[21.0, 16.0, 11.0]])
+    fixed = predict.predict_mask(central_segmenter(), image, geom, corner, np.array([True]), recentre=0)
+    assert fixed.recentred == 0 and fixed.mask.sum() < 0.6 * target.sum()
+    moved = predict.predict_mask(central_segmenter(), image, geom, corner, np.array([True]), recentre=2)
+    assert moved.recentred == 2 and len(moved.windows) == 1
+    np.testing.assert_array_equal(moved.mask, target)
 
 
 @pytest.fixture(scope="module")
