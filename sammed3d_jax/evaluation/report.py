@@ -1,13 +1,43 @@
-"""Human-readable views of an evaluation summary: a Markdown table and the Dice/NSD-vs-clicks PNG.
+"""Files and views of an evaluation: the per-target CSV, JSON-safe summaries, a Markdown table, the Dice/NSD-vs-clicks
+PNG.
 
-Reads only the ``summary.json`` dict written by ``evaluation/runner.py``. Plots through matplotlib's object API on an
-Agg canvas (no pyplot global state). Must not import jax, the model or data/.
+Reads only the rows and the ``summary.json`` dict made by ``evaluation/runner.py``. Plots through matplotlib's object
+API on an Agg canvas (no pyplot global state). Must not import jax, the model or data/.
 """
 
+import csv
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
+
+ROW_HEAD = ["dataset", "case", "target", "label_value", "status", "gt_voxels"]
+ROW_TAIL = ["n_clicks", "positive_clicks", "first_label", "encode_s", "click_s", "target_s", "case_s", "error", "image",
+            "label"]
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> None:
+    """One row per (case, target), metrics between the identifiers and the timings; failed rows leave them empty."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_HEAD + list(metric_names) + ROW_TAIL, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def json_safe(value: Any) -> Any:
+    """Nested dicts/lists with numpy scalars made plain and non-finite floats made None (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def _counts(summary: Mapping[str, Any]) -> list[int]:

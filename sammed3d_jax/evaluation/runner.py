@@ -24,10 +24,8 @@ A bad case (unreadable file, image/label geometry mismatch, empty target, any er
 as failed and the run continues. Only this module, eval.py and the training loop read a ConfigDict.
 """
 
-import csv
 import dataclasses
 import json
-import math
 import os
 import time
 import zlib
@@ -246,33 +244,6 @@ def summarize_rows(rows: Sequence[dict[str, Any]], options: EvalOptions) -> dict
     return {"per_target": per_target, "overall": overall}
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _csv_columns(options: EvalOptions) -> list[str]:
-    return (["dataset", "case", "target", "label_value", "status", "gt_voxels"] + options.metric_names
-            + ["n_clicks", "positive_clicks", "first_label", "encode_s", "click_s", "target_s", "case_s", "error",
-               "image", "label"])
-
-
-def write_csv(path: str, rows: Sequence[dict[str, Any]], options: EvalOptions) -> None:
-    """One row per (case, target); empty cells where a failed row has no value."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_csv_columns(options), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def evaluate_records(segmenter: inference.Segmenter, records: Sequence[Record], options: EvalOptions, out: str, *,
                      problems: Sequence[tuple[str, str]] = (), info: dict[str, Any] | None = None,
                      max_cases: int = 0, progress: bool = False, compile_s: float | None = None) -> dict[str, Any]:
@@ -327,12 +298,30 @@ def evaluate_records(segmenter: inference.Segmenter, records: Sequence[Record], 
         "discovery_problems": [{"file": f, "problem": p} for f, p in problems],
         "metric_per_target": rows,
     }
-    summary = _json_safe(summary)
-    write_csv(os.path.join(out, "per_target.csv"), rows, options)
+    summary = report.json_safe(summary)
+    report.write_csv(os.path.join(out, "per_target.csv"), rows, options.metric_names)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, allow_nan=False)
     report.plot_dice_vs_clicks(summary, os.path.join(out, "dice_vs_clicks.png"))
     return summary
+
+
+def load_dataset(path: str, split: str = "Tr") -> tuple[list[Record], list[tuple[str, str]]]:
+    """Records to evaluate from a dataset folder (nnU-Net/MSD or upstream layout), a manifest ``.json``, or a prepared
+    store (``data/prepare.py``'s folder or its ``prepared.json``: its kept targets, read from their source files,
+    since evaluation runs upstream's inference chain on the original images).
+
+    Returns:
+        (records, discovery problems as (file, problem) pairs).
+    """
+    from sammed3d_jax.data import cache
+
+    folder = path[: -len(cache.INDEX_NAME)] if path.endswith(cache.INDEX_NAME) else path
+    if os.path.isfile(os.path.join(folder or ".", cache.INDEX_NAME)):
+        _, prepared = cache.read_index(folder or ".")
+        return [Record(r.case, r.source_image, r.source_label, r.label_value, r.target, r.dataset, r.modality)
+                for r in prepared], []
+    return load_records(path, split=split)
 
 
 def default_datasets(workdir: str, mni152: bool = True) -> list[str]:
@@ -360,12 +349,12 @@ def default_datasets(workdir: str, mni152: bool = True) -> list[str]:
 
 
 def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str) -> dict[str, Any]:
-    """Loads ``checkpoint``, discovers ``data`` (folders or manifests) and evaluates with the ``config`` protocol.
+    """Loads ``checkpoint``, reads ``data`` (``load_dataset``) and evaluates with the ``config`` protocol.
 
     Args:
         config: the evaluation ConfigDict (``evaluation/config.py``).
         checkpoint: see ``evaluation/checkpoints.py``.
-        data: dataset folders or manifests; None = the training workdir's own data (``default_datasets``).
+        data: dataset folders, manifests or prepared stores; None = the training workdir's own data.
         out: output folder.
 
     Returns:
@@ -379,7 +368,7 @@ def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str) -> d
         data = default_datasets(checkpoint, config.mni152)
     records, problems = [], []
     for dataset in data:
-        found, issues = load_records(dataset, split=config.split)
+        found, issues = load_dataset(dataset, config.split)
         records += found
         problems += issues
     segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=options.click_counts[-1])

@@ -146,3 +146,19 @@ def test_paper_crop_centred_on_the_first_click(dataset, tmp_path):
     row = runner.evaluate_records(threshold_segmenter(max_clicks=2), b, options, str(tmp_path))["metric_per_target"][0]
     # The 32^3 window around any voxel of the 10^3 target holds the whole predicted box: the same Dice as before.
     assert row["error"] == "" and row["first_label"] == 1 and row["dice_2"] == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_prepared_store_and_manifest_select_the_targets(dataset, tmp_path):
+    from sammed3d_jax.data.manifest import write_manifest
+    from sammed3d_jax.data.prepare import prepare_dataset
+
+    root, records, _ = dataset
+    a = [r for r in records if r.case == "A"]
+    write_manifest(tmp_path / "a.json", a)
+    prepare_dataset(tmp_path / "a.json", tmp_path / "prepared", workers=1, progress=False)
+    for path in (tmp_path / "a.json", tmp_path / "prepared", tmp_path / "prepared" / "prepared.json"):
+        found, problems = runner.load_dataset(str(path))
+        assert sorted((r.case, r.target, r.image, r.label) for r in found) == sorted(
+            (r.case, r.target, r.image, r.label) for r in a) and problems == []
+    found, problems = runner.load_dataset(str(root))
+    assert len(found) == 5 and problems == []
