@@ -87,6 +87,7 @@ def test_given_first_click_is_used_as_click_one():
     sim = inference.simulate_clicks(ball_segmenter(), roi, jax.random.key(0), (1, 2), first_click=(16, 15, 14))
     np.testing.assert_array_equal(sim.points[0], [16, 15, 14])
     assert sim.labels[0] == 1
+    assert ball_segmenter(max_clicks=1).warmup() > 0  # a one-click buffer (click_counts=(1,)) compiles too
 
 
 @pytest.fixture(scope="module")
