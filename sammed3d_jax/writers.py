@@ -117,7 +117,9 @@ def plot_curves(records: Sequence[Mapping[str, Any]], png_path: str | os.PathLik
                 ax.plot(xs, ys, label=key)
         ax.set_xlabel("step")
         ax.set_title(", ".join(panel) if panel else "no metrics yet")
-        if panel in (["lr"], ["grad_norm"]) and any(r.get(panel[0]) for r in records):
+        values = [r[panel[0]] for r in records if r.get(panel[0]) is not None] if panel in (["lr"], ["grad_norm"]) \
+            else []
+        if values and all(isinstance(v, (int, float)) and v > 0 for v in values):
             ax.set_yscale("log")
         if len(panel) > 1:
             ax.legend()

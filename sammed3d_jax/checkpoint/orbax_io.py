@@ -49,7 +49,12 @@ def make_manager(workdir: str | os.PathLike, *, save_every: int, keep: int, asyn
     if save_every < 1 or keep < 1:
         raise ValueError(f"checkpoint save_every ({save_every}) and keep ({keep}) must be >= 1")
     directory = os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
+    # Every `save_every` steps (and on a preemption notice); unlike Orbax's default there is no extra save at the
+    # first step of a run.
+    policies = ocp.checkpoint_managers
+    policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every),
+                                     policies.PreemptionCheckpointingPolicy()])
+    options = ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     names = ("state", "iter") if with_iter else ("state",)
     return ocp.CheckpointManager(directory, options=options, item_names=names)

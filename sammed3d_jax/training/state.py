@@ -2,8 +2,8 @@
 
 ``params`` are trained; ``buffers`` (the prompt encoder's Gaussian PE matrix) ride along untouched so the model
 variables can be rebuilt from a checkpoint alone. ``step`` counts micro-batches (train-step calls) and seeds the
-step's RNG via ``fold_in``, so a resumed run draws the same clicks. Also derives the state's shardings from the param rules. Must not
-import data/ or ml_collections.
+step's RNG via ``fold_in``, so a resumed run draws the same clicks. Also derives the state's shardings from the
+param rules. Must not import data/ or ml_collections.
 """
 
 from collections.abc import Sequence

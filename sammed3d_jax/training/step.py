@@ -21,7 +21,8 @@ prompt-less pass at a random step in       same: ``random_insert`` inclusive ran
 {2..8} and at the last step                step (``prompt_less_last``); prompt-less = an all-ABSENT point row,
                                            exactly upstream's ``points=None`` call
 only the newest click is fed (quirk 11)    same by default; ``accumulate_clicks`` keeps all clicks so far in an
-                                           ABSENT-padded buffer (upstream ``--multi_click``)
+                                           ABSENT-padded buffer (upstream ``--multi_click``); clicks drawn at
+                                           prompt-less steps stay in the buffer
 previous low-res logits fed back, NOT      same (quirk 12); ``stop_mask_gradient`` detaches them
 detached
 DiceCE (MONAI, squared_pred) per click,    same, float32; ``use_bce=False`` gives MONAI < 1.3's Dice-only
@@ -93,7 +94,7 @@ class StepConfig:
         if not 1 <= self.min_clicks <= self.max_clicks:
             raise ValueError(f"need 1 <= min_clicks ({self.min_clicks}) <= max_clicks ({self.max_clicks})")
         if self.random_insert and (len(self.random_insert) != 2 or self.random_insert[0] > self.random_insert[1]):
-            raise ValueError(f"random_insert must be () or an inclusive (lo, hi) with lo <= hi, got {self.random_insert}")
+            raise ValueError(f"random_insert must be () or an inclusive (lo, hi), lo <= hi; got {self.random_insert}")
         object.__setattr__(self, "random_insert", tuple(int(v) for v in self.random_insert))
 
 

@@ -29,22 +29,26 @@ def test_two_processes_equal_one_process(tmp_path, tiny_variables, single_device
     port = str(_free_port())
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), str(pid), port, str(variables_path),
-                               str(tmp_path / f"out{pid}.npz")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]
-    logs = []
+    logs = [tmp_path / f"log{pid}.txt" for pid in (0, 1)]
+    procs = []
     try:
+        for pid in (0, 1):
+            with open(logs[pid], "w") as log:  # Files, not pipes: nobody reads while the reference runs.
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(HERE / "dist_worker.py"), str(pid), port, str(variables_path),
+                     str(tmp_path / f"out{pid}.npz")], env=env, stdout=log, stderr=subprocess.STDOUT))
+        # The one-process reference compiles while the workers do (it is shared with the other tests).
+        mesh, fn, new_state, key = single_device_step
+        ref_state, ref_hist = run_steps(fn, new_state(), key, mesh, make_batch(), 2)
         for p in procs:
-            logs.append(p.communicate(timeout=400)[0])
+            p.wait(timeout=400)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for pid, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {pid} failed:\n{log[-4000:]}"
+    for pid, p in enumerate(procs):
+        assert p.returncode == 0, f"process {pid} failed:\n{logs[pid].read_text()[-4000:]}"
 
-    mesh, fn, new_state, key = single_device_step
-    ref_state, ref_hist = run_steps(fn, new_state(), key, mesh, make_batch(), 2)
     ref_params = traverse_util.flatten_dict(jax.device_get(ref_state.params), sep="/")
     for pid in (0, 1):
         with np.load(tmp_path / f"out{pid}.npz") as out:

@@ -1,0 +1,147 @@
+"""Train-step throughput and peak memory: the whole jitted step (encoder, click scan, loss, backward, AdamW).
+
+    python benchmarks/train_step.py                    # CPU: vit_b_ori, 128³, batch 1, 1 and 11 clicks, float32
+    python benchmarks/train_step.py --mode gpu         # accelerator: batch 12, 1 and 11 clicks, bfloat16
+    python benchmarks/train_step.py --mode gpu --json out.json --steps 20
+
+Each (clicks) configuration runs in its own subprocess so that its peak memory is its own: on an accelerator the
+peak is ``jax.Device.memory_stats()["peak_bytes_in_use"]``, on CPU the process's ``ru_maxrss``. The step is the
+one training uses (``training.step.jit_train_step`` on a one-device mesh, state donated) with upstream's recipe:
+AdamW with 20-step accumulation, ``min_clicks = max_clicks = clicks`` (every step runs all clicks), remat of the
+click scan and (GPU mode) of the encoder blocks. The batch is random data with a box target, already on device, so
+the data pipeline is not measured. Prints a table; not a test. Targets (issue 5, one H200): >= 500 samples/s at 1
+click, >= 300 at 11 clicks, peak <= 8 GiB; upstream PyTorch: 33.6-33.9 samples/s / 63.5 GiB at 1 click.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+MODES = {
+    "cpu": dict(batch=1, clicks=[1, 11], dtype="float32", steps=2, warmup=1, remat_encoder=False),
+    "gpu": dict(batch=12, clicks=[1, 11], dtype="bfloat16", steps=10, warmup=2, remat_encoder=True),
+}
+
+
+def run_one(args) -> dict:
+    """Compiles and times the train step for one configuration in this process; returns the measurements."""
+    import jax
+    import numpy as np
+
+    from sammed3d_jax import parallel
+    from sammed3d_jax.model.config import ModelConfig
+    from sammed3d_jax.model.sam import init_variables
+    from sammed3d_jax.training import optim, state as state_lib, step as step_lib
+
+    cfg = ModelConfig.variant(args.variant, dtype=args.dtype, remat_encoder_blocks=args.remat_encoder,
+                              attention_impl=args.attention)
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    optimizer = optim.make_optimizer(optim.OptimConfig(accum_steps=20))
+    step_cfg = step_lib.StepConfig(max_clicks=args.clicks, min_clicks=args.clicks)
+
+    def fresh(key):
+        return state_lib.create_train_state(init_variables(cfg, key), optimizer.tx)
+
+    shardings = state_lib.state_shardings(jax.eval_shape(fresh, jax.random.key(0)), ((".*", "replicate"),), mesh)
+    state = jax.jit(fresh, out_shardings=shardings)(jax.random.key(0))
+    fn = step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings)
+    s, b = cfg.image_size, args.batch
+    rng = np.random.default_rng(0)
+    label = np.zeros((b, s, s, s), np.uint8)
+    label[:, s // 4:s // 2 + s // 8, s // 3:3 * s // 4, s // 5:s // 2] = 1
+    image = (rng.normal(size=label.shape) + 2.0 * label).astype(np.float32)[..., None]
+    batch = parallel.shard_host_batch({"image": image, "label": label}, mesh)
+    key = parallel.put_replicated(jax.random.key(1), mesh)
+
+    t0 = time.perf_counter()
+    state, metrics = fn(state, batch, key)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        state, metrics = fn(state, batch, key)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = fn(state, batch, key)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        peak, peak_kind = stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+    else:  # CPU: the process's resident-set peak (ru_maxrss is KiB on Linux).
+        peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process ru_maxrss"
+    step_s = float(np.median(times))
+    return {
+        "device": f"{device.device_kind} ({jax.default_backend()})", "jax": jax.__version__, "variant": args.variant,
+        "image_size": s, "batch": b, "clicks": args.clicks, "dtype": args.dtype,
+        "remat_encoder": args.remat_encoder, "compile_plus_first_step_s": round(compile_s, 2),
+        "step_s_median": step_s, "samples_per_s": b / step_s, "peak_gib": peak / 2 ** 30, "peak_kind": peak_kind,
+        "loss": float(metrics["loss"]), "steps_timed": args.steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default="cpu")
+    parser.add_argument("--variant", default="vit_b_ori")
+    parser.add_argument("--batch", type=int, help="override the mode's batch size")
+    parser.add_argument("--clicks", type=int, nargs="+", help="override the mode's click counts")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the mode's compute dtype")
+    parser.add_argument("--steps", type=int, help="timed steps per configuration")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    parser.add_argument("--no-remat-encoder", action="store_true", help="keep encoder activations (more memory)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)  # Internal: run one config here.
+    args = parser.parse_args()
+    mode = MODES[args.mode]
+    args.batch = args.batch or mode["batch"]
+    args.dtype = args.dtype or mode["dtype"]
+    args.steps = args.steps or mode["steps"]
+    args.warmup = mode["warmup"]
+    args.remat_encoder = mode["remat_encoder"] and not args.no_remat_encoder
+    if args._one:
+        args.clicks = args.clicks[0]
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+
+    results = []
+    for clicks in args.clicks or mode["clicks"]:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_one", "--mode", args.mode, "--variant", args.variant,
+               "--batch", str(args.batch), "--clicks", str(clicks), "--dtype", args.dtype, "--steps", str(args.steps),
+               "--attention", args.attention] + (["--no-remat-encoder"] if args.no_remat_encoder else [])
+        print(f"running {args.variant} batch {args.batch} clicks {clicks} {args.dtype} ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            print(f"  FAILED (exit {proc.returncode}):\n{tail}", flush=True)
+            results.append({"clicks": clicks, "batch": args.batch, "error": tail[-500:]})
+            continue
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    ok = [r for r in results if "error" not in r]
+    if ok:
+        print(f"\ndevice: {ok[0]['device']}, jax {ok[0]['jax']}, host {platform.node()}; {args.variant} "
+              f"{ok[0]['image_size']}³, {args.dtype}, remat encoder {args.remat_encoder}; peak = {ok[0]['peak_kind']}")
+    print(f"{'clicks':>6} {'batch':>5} {'step s':>9} {'samples/s':>10} {'peak GiB':>9} {'compile s':>10}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['clicks']:>6} {r['batch']:>5}  FAILED")
+        else:
+            print(f"{r['clicks']:>6} {r['batch']:>5} {r['step_s_median']:>9.4f} {r['samples_per_s']:>10.2f} "
+                  f"{r['peak_gib']:>9.2f} {r['compile_plus_first_step_s']:>10.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if len(ok) < len(results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
