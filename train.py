@@ -22,8 +22,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    # Orbax and Grain log every file operation through absl at INFO; keep our own INFO lines, drop theirs.
-    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
+    # Orbax logs every file operation through absl at INFO (and jax its backend probing); keep our INFO lines only.
+    for name in ("absl", "jax._src.xla_bridge"):
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)
     # Must join the cluster before anything touches a device.
     from sammed3d_jax import parallel
 

@@ -111,6 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.export_params = True  # Write <workdir>/params (params_io format, for eval/predict) at the end.
 
+    c.compiler_options = ml_collections.ConfigDict()  # XLA options of the jitted init and step ({} = defaults).
+
     c.log_every_steps = 50
     c.plot_every_steps = 1000
     c.progress = True

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -104,7 +105,8 @@ def _summarise(pending: list[dict[str, Any]]) -> dict[str, Any]:
         elif np.all(np.isnan(values)):
             out[key] = float("nan") if values.ndim == 1 else np.full(values.shape[1:], np.nan)
         else:
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():  # A click slot inactive for the whole interval is NaN, not a warning.
+                warnings.simplefilter("ignore", RuntimeWarning)
                 out[key] = np.nanmean(values, axis=0)
     return out
 
@@ -129,7 +131,7 @@ class _Setup(NamedTuple):
 
 @functools.lru_cache(maxsize=4)
 def _setup(cfg: ModelConfig, optim_cfg: optim.OptimConfig, step_cfg: step_lib.StepConfig, mesh: Mesh,
-           rules: tuple, fsdp_axis: str) -> _Setup:
+           rules: tuple, fsdp_axis: str, compiler_options: tuple) -> _Setup:
     """The jitted init and train-step functions for one (hashable) configuration.
 
     Memoised so that runs of the same configuration in one process (a resumed run in tests, a sweep in a notebook)
@@ -145,9 +147,10 @@ def _setup(cfg: ModelConfig, optim_cfg: optim.OptimConfig, step_cfg: step_lib.St
 
     abstract = jax.eval_shape(fresh, jax.random.key(0))
     shardings = state_lib.state_shardings(abstract, rules, mesh, fsdp_axis)
-    return _Setup(abstract, shardings, jax.jit(fresh, out_shardings=shardings),
+    options = dict(compiler_options) or None
+    return _Setup(abstract, shardings, jax.jit(fresh, out_shardings=shardings, compiler_options=options),
                   jax.jit(from_variables, out_shardings=shardings),
-                  step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings))
+                  step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings, options))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
@@ -179,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     total_steps = config.total_steps or int(math.ceil(config.total_epochs * steps_per_epoch))
     rules = tuple(tuple(r) for r in config.sharding.rules)
     setup = _setup(cfg, optim_config(config, steps_per_epoch, total_steps), step_config(config), mesh, rules,
-                   config.sharding.fsdp_axis)
+                   config.sharding.fsdp_axis, tuple(sorted(config.compiler_options.to_dict().items())))
     init_key, train_key = parallel.put_replicated(tuple(jax.random.split(jax.random.key(config.seed))), mesh)
 
     from sammed3d_jax.data.pipeline import build_train_iterator

@@ -5,7 +5,7 @@ import pytest
 
 from sammed3d_jax import parallel
 from sammed3d_jax.model.sam import init_variables
-from train_helpers import TINY, build_step, make_batch, run_steps
+from train_helpers import FAST_COMPILE, TINY, build_step, make_batch, run_steps
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,7 @@ def tiny_batch():
 
 @pytest.fixture(scope="session")
 def tiny_variables():
-    return jax.jit(init_variables, static_argnums=0)(TINY, jax.random.key(0))
+    return jax.jit(init_variables, static_argnums=0, compiler_options=FAST_COMPILE)(TINY, jax.random.key(0))
 
 
 @pytest.fixture(scope="session")

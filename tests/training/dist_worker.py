@@ -10,10 +10,7 @@ import sys
 
 pid, port, variables_path, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 os.environ.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-                  JAX_PLATFORMS="cpu",
-                  # Cheaper LLVM passes roughly halve CPU compile time of the step at equal run time.
-                  XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_llvm_disable_expensive_passes=true "
-                            "--xla_backend_optimization_level=1")
+                  JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -9,11 +9,15 @@ import jax
 import numpy as np
 import pytest
 
+from sammed3d_jax.checkpoint import orbax_io
 from sammed3d_jax.data.prepare import prepare_dataset
 from sammed3d_jax.data.synthetic import make_synthetic_dataset
+from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.training.loop import train_and_evaluate
+from train_helpers import FAST_COMPILE
 
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
+TINY = ModelConfig.variant("tiny", dtype="float32", remat_encoder_blocks=False)
 
 
 def _load_config(name, arg=None):
@@ -44,8 +48,9 @@ def _tiny_config(prepared, **overrides):
     c.checkpoint.every_steps = 2
     c.checkpoint.keep = 2
     c.log_every_steps = 2
-    c.plot_every_steps = 4
+    c.plot_every_steps = 1000  # Only the final plot: each costs about a second.
     c.progress = False
+    c.compiler_options = FAST_COMPILE
     for key, value in overrides.items():
         c[key] = value
     c.lock()
@@ -81,6 +86,18 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(tmp_path, prepar
         np.testing.assert_array_equal(a, b)
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
+
+    # Fine-tuning start: the exported params dir initialises a new run (lr is 0 during the first warm-up update,
+    # so after one step the params are still exactly the loaded ones).
+    loaded = orbax_io.load_init_variables(run / "params", TINY)
+    for a, b in zip(jax.tree.leaves(loaded["params"]), _params(full)):
+        np.testing.assert_array_equal(a, b)
+    tuned = train_and_evaluate(_tiny_config(prepared, init_from=str(run / "params"), stop_after_steps=1),
+                               str(tmp_path / "tuned"))
+    for a, b in zip(_params(tuned), _params(full)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="architecture differs"):
+        orbax_io.load_init_variables(run / "params", TINY.replace(encoder_depth=3, encoder_global_attn_indexes=(2,)))
 
 
 def test_configs_build(tmp_path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train_helpers import BATCH, STEP, TINY, build_step, run_steps
+from train_helpers import BATCH, FAST_COMPILE, STEP, TINY, build_step, run_steps
 from sammed3d_jax import parallel
 from sammed3d_jax.model.sam import Sam3D
 from sammed3d_jax.training import step as step_lib
@@ -35,7 +35,8 @@ def test_click_count_is_traced_and_masks_later_steps(tiny_batch, tiny_variables)
     key = jax.random.key(3)
 
     def loss_fn(cfg):
-        return jax.jit(functools.partial(step_lib.interactive_loss, model=Sam3D(TINY), cfg=cfg))
+        return jax.jit(functools.partial(step_lib.interactive_loss, model=Sam3D(TINY), cfg=cfg),
+                       compiler_options=FAST_COMPILE)
 
     long = loss_fn(step_lib.StepConfig(max_clicks=3, min_clicks=1))
     short = loss_fn(step_lib.StepConfig(max_clicks=2, min_clicks=1))

@@ -17,6 +17,8 @@ STEP = step_lib.StepConfig(max_clicks=2, min_clicks=2)
 # layouts change it by ~lr * |dg| / eps instead of flipping the sign of near-zero gradient entries.
 OPT = optim.OptimConfig(lr=3e-3, eps=1e-3, schedule="constant", lr_multipliers=())
 BATCH = 8
+# Cheaper LLVM passes: about half the CPU compile time of the step, at the same run time.
+FAST_COMPILE = {"xla_backend_optimization_level": 1, "xla_llvm_disable_expensive_passes": True}
 
 
 def make_batch(n: int = BATCH, seed: int = 0, size: int = 32) -> dict[str, np.ndarray]:
@@ -40,7 +42,7 @@ def build_step(mesh, variables, rules=((".*", "replicate"),), opt_cfg=OPT, step_
 
     shardings = state_lib.state_shardings(jax.eval_shape(create, variables), rules, mesh)
     create_placed = jax.jit(create, out_shardings=shardings)
-    fn = step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings)
+    fn = step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings, FAST_COMPILE)
     key = parallel.put_replicated(jax.random.key(1), mesh)
     return fn, lambda: create_placed(variables), key
 
