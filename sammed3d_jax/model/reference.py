@@ -11,19 +11,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sammed3d_jax.model.attention import attend, rel_pos_matrix
-from sammed3d_jax.model.layers import Dense, Dtype
+from sammed3d_jax.model.attention import EncoderAttention, attend, rel_pos_matrix
+from sammed3d_jax.model.layers import Dense
 
 
-class NaiveEncoderAttention(nn.Module):
-    num_heads: int
-    window_size: int
-    rel_size: int
-    use_rel_pos: bool = True
-    qkv_bias: bool = True
-    impl: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+class NaiveEncoderAttention(EncoderAttention):
+    """Same fields and parameters as :class:`EncoderAttention`; upstream's padded computation."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
