@@ -226,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not (primary and config.progress))
     writer.echo = bar.write
-    pending, last_saved, t0 = [], latest, time.perf_counter()
+    pending, last_saved, t0, timed = [], latest, time.perf_counter(), 0
     step = start
     for step in range(start + 1, total_steps + 1):
         if config.stop_after_steps and step - start > config.stop_after_steps:
@@ -237,13 +237,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         state, metrics = train_fn(state, batch, train_key)
         pending.append(metrics)
         bar.update(1)
+        if step == start + 1:  # The first step compiles: time the throughput from the end of it.
+            jax.block_until_ready(metrics)
+            log.info("first step (compilation included) took %.1f s", time.perf_counter() - t0)
+            t0, timed = time.perf_counter(), 0
+        else:
+            timed += 1
         if step % config.log_every_steps == 0 or step == total_steps:
             summary = _summarise(pending)
-            elapsed = time.perf_counter() - t0
-            summary["samples_per_s"] = config.batch_size * len(pending) / max(elapsed, 1e-9)
+            if timed:
+                summary["samples_per_s"] = config.batch_size * timed / max(time.perf_counter() - t0, 1e-9)
             writer.write_scalars(step, summary)
             bar.set_postfix(loss=f"{summary['loss']:.3f}", dice=f"{summary['dice_last']:.3f}")
-            pending, t0 = [], time.perf_counter()
+            pending, t0, timed = [], time.perf_counter(), 0
         if orbax_io.save(manager, step, state, data_iter, force=step == total_steps and last_saved != step):
             last_saved = step
         if step % config.plot_every_steps == 0:

@@ -76,3 +76,18 @@ def test_fsdp_equals_replicated(replicated_8_device_run, tiny_batch, tiny_variab
     out_f, hist_f = run_steps(fn_f, state_f, key, mesh, tiny_batch, 2)
     np.testing.assert_allclose([h["loss"] for h in hist_f], [h["loss"] for h in hist_r], rtol=1e-5)
     _assert_states_close(out_f, out_r)
+
+
+def test_accumulated_clicks_differ_from_newest_only_after_the_first(tiny_batch, tiny_variables):
+    batch = {k: jnp.asarray(v[:2]) for k, v in tiny_batch.items()}
+    args = (tiny_variables["params"], tiny_variables["buffers"], batch, jax.random.key(5), jnp.int32(2))
+    per_click = []
+    for accumulate in (False, True):
+        cfg = step_lib.StepConfig(max_clicks=2, min_clicks=1, random_insert=(), prompt_less_last=False,
+                                  accumulate_clicks=accumulate)
+        fn = jax.jit(functools.partial(step_lib.interactive_loss, model=Sam3D(TINY), cfg=cfg),
+                     compiler_options=FAST_COMPILE)
+        per_click.append(fn(*args)[1]["loss_per_click"])
+    newest, acc = per_click
+    np.testing.assert_allclose(acc[0], newest[0], rtol=1e-6)  # One click so far: the same prompt.
+    assert abs(float(acc[1]) - float(newest[1])) > 1e-6  # Both clicks vs the newest one.
