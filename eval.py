@@ -5,6 +5,7 @@
     python eval.py --config sammed3d_jax/evaluation/config.py:paper      # paper-era protocol (ROI metrics)
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -24,6 +25,9 @@ _OUT = flags.DEFINE_string("out", "", "Output folder (default: <checkpoint>/eval
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax logs every file operation through absl at INFO (and jax its backend probing): keep the report only.
+    for name in ("absl", "jax._src.xla_bridge"):
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)
     from sammed3d_jax.checkpoint.pth_reader import CheckpointError
     from sammed3d_jax.evaluation import runner
 
