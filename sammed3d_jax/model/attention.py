@@ -114,7 +114,7 @@ def fused_attention(q, k, v, bias, extra_logit, extra_value, scale: float, imple
     column (key 0, value ``extra_value``, bias ``extra_logit``), plus one fully masked column so the key length
     stays even (cuDNN requires it for bias gradients). ``implementation="xla"`` runs the same construction on any
     backend (used by the tests)."""
-    b, nk, h, c = k.shape
+    b, _, h, c = k.shape
     if extra_logit is not None:
         k = jnp.concatenate([k, jnp.zeros((b, 2, h, c), k.dtype)], axis=1)
         pad_v = jnp.stack([extra_value.astype(v.dtype), jnp.zeros((h, c), v.dtype)])

@@ -5,7 +5,6 @@ selection (upstream has none; its IoU head was never trained). Imports jax/flax 
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from sammed3d_jax.model.config import ModelConfig

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from train_helpers import BATCH, FAST_COMPILE, STEP, TINY, build_step, run_steps
-from sammed3d_jax import parallel
 from sammed3d_jax.model.sam import Sam3D
 from sammed3d_jax.training import step as step_lib
 
