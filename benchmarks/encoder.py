@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sammed3d_jax.model import ModelConfig, Sam3D, init_variables, upsample_logits
-from sammed3d_jax.model.reference import NaiveEncoderAttention
+from sammed3d_jax.model.reference import NaiveEncoderAttention, perturbed
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, list[float]]:
@@ -49,14 +49,6 @@ def _peak_device_mib() -> float:
     return stats.get("peak_bytes_in_use", float("nan")) / 2 ** 20
 
 
-@jax.jit
-def _nonzero(variables, key):
-    leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="vit_b_ori")
@@ -74,7 +66,7 @@ def main() -> None:
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, {platform.processor() or ''}"
           f" {jax.local_device_count()} device(s); model {args.variant}, dtype {args.dtype}")
-    variables = _nonzero(init_variables(cfg, jax.random.key(0)), jax.random.key(1))
+    variables = perturbed(init_variables(cfg, jax.random.key(0)), jax.random.key(1), 0.02)
     results = []
     for batch in args.batch:
         try:

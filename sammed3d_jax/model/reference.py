@@ -7,6 +7,8 @@ from the real tokens only. ``NaiveEncoderAttention`` has the same parameters, so
 encoder (``ImageEncoder(attention_cls=NaiveEncoderAttention)``) for end-to-end comparisons.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,3 +60,13 @@ class NaiveEncoderAttention(EncoderAttention):
             y = y.reshape(b, p0 // w, p1 // w, p2 // w, w, w, w, dim).transpose(0, 1, 4, 2, 5, 3, 6, 7)
             y = y.reshape(b, p0, p1, p2, dim)[:, :g0, :g1, :g2]
         return y
+
+
+@functools.partial(jax.jit, static_argnames="scale")
+def perturbed(variables, key: jax.Array, scale: float):
+    """``variables`` plus N(0, scale²) noise on every leaf: upstream zero-initialises pos_embed and the rel-pos
+    tables, which would hide errors in the stages that use them (tests and benchmarks)."""
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])

@@ -3,7 +3,6 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,8 +10,8 @@ from sammed3d_jax import parity
 from sammed3d_jax.checkpoint.pth_reader import read_state_dict
 from sammed3d_jax.checkpoint.torch_convert import flax_to_torch
 from sammed3d_jax.model.config import ModelConfig
-from sammed3d_jax.model.reference import NaiveEncoderAttention
-from sammed3d_jax.model.sam import Sam3D, init_variables
+from sammed3d_jax.model.reference import NaiveEncoderAttention, perturbed
+from sammed3d_jax.model.sam import init_variables
 
 EXPECTED_STAGES = {
     "image_embeddings", "dense_pe", "sparse_embeddings", "dense_embeddings_mask", "dense_embeddings_nomask",
@@ -54,15 +53,6 @@ def test_cli_fails_on_a_perturbed_weight(tiny_fixture_dir, tmp_path):
     assert parity.main([str(tiny_fixture_dir)], lines.append) == 0
 
 
-@jax.jit
-def _randomised(variables, key):
-    """Non-zero everywhere (pos_embed and rel-pos tables start at zero), so every stage is exercised."""
-    leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-
-
 def test_tool_handles_another_geometry(tmp_path):
     """A fixture with other image size, patch, depth, heads, global blocks, window, IoU depth, batch and number of
     points, made by the naive padded reference attention, passes without code changes; a wrong weight fails."""
@@ -74,7 +64,7 @@ def test_tool_handles_another_geometry(tmp_path):
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg_dict))
     cfg = ModelConfig.from_dict(cfg_dict)
-    variables = _randomised(init_variables(cfg, jax.random.key(1)), jax.random.key(2))
+    variables = perturbed(init_variables(cfg, jax.random.key(1)), jax.random.key(2), 0.2)
     np.savez(tmp_path / "weights.npz", **flax_to_torch(variables, cfg))
     rng = np.random.default_rng(0)
     golden = {
