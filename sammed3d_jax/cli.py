@@ -1,0 +1,131 @@
+"""What every command-line entry point shares: quiet library logs, one-line errors with exit codes, output checks.
+
+A user's mistake (a missing file, a bad flag value, an existing output) ends a command with one line on stderr,
+``error: <what, naming the file or argument>``, and exit status 2, never a traceback; Ctrl-C ends it with status 130.
+``SAMMED3D_TRACEBACK=1`` re-raises instead, for debugging. Must not import jax, flax, the model or training/.
+"""
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import NoReturn, TypeVar
+
+from etils import epath
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+TRACEBACK_ENV = "SAMMED3D_TRACEBACK"
+# Errors that describe the user's input or environment, not a bug: reported as one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError, EOFError)
+# Library loggers that talk at INFO about every file operation (Orbax through absl) or backend probe (jax).
+NOISY_LOGGERS = ("absl", "jax._src.xla_bridge", "jax._src.distributed")
+
+F = TypeVar("F", bound=Callable)
+
+
+class UsageError(ValueError):
+    """A bad command-line argument or config value; the message names it."""
+
+
+def quiet_library_logs() -> None:
+    """Keeps our INFO lines and the libraries' warnings, drops the libraries' INFO chatter."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def one_line(err: BaseException) -> str:
+    """``err`` as one line: its message (or its type when it has none), newlines folded."""
+    text = " ".join(str(err).split())
+    if isinstance(err, MemoryError):
+        return f"out of memory{': ' + text if text else ''}"
+    if not text:
+        return type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return text
+
+
+def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
+    """Prints ``error: message`` on stderr and exits with ``status``."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def guarded(main: F) -> F:
+    """Wraps an entry point so user errors end it with one line and exit 2, Ctrl-C with exit 130.
+
+    ``SystemExit`` (argparse, absl) passes through untouched; ``SAMMED3D_TRACEBACK=1`` re-raises everything.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            fail("interrupted", EXIT_INTERRUPTED)
+        except USER_ERRORS as err:
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            fail(one_line(err))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _same_file(a: epath.Path, b: epath.Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError, NotImplementedError):
+        return os.fspath(a) == os.fspath(b)
+
+
+def check_output_path(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+                      name: str = "--out", is_dir: bool = False) -> epath.Path:
+    """Refuses an output path before any work is done; returns it as an ``epath.Path``.
+
+    Refused: an output that is one of ``inputs`` (never overwrite a user's input), an existing output without
+    ``overwrite``, an output of the wrong kind (a file where a folder is wanted, or the reverse), and a missing or
+    unwritable parent folder (local paths only: object stores are checked by the write itself).
+
+    Args:
+      path: the output file or folder.
+      inputs: the command's input files or folders.
+      overwrite: whether an existing output may be replaced.
+      name: the argument's name, for the message.
+      is_dir: the output is a folder.
+
+    Raises:
+      UsageError: naming ``name`` and the path.
+    """
+    out = epath.Path(path)
+    for src in inputs:
+        if src is not None and _same_file(out, epath.Path(src)):
+            raise UsageError(f"{name} {out} is an input of this command; refusing to overwrite it")
+    remote = "://" in os.fspath(out)
+    try:
+        exists = out.exists()
+    except ImportError:  # An object store whose client library is missing: the write itself will say so.
+        exists = False
+    if exists:
+        if is_dir != out.is_dir():
+            kind = "a folder" if out.is_dir() else "a file"
+            raise UsageError(f"{name} {out} is {kind}; expected {'a folder' if is_dir else 'a file'}")
+        if not overwrite and not (is_dir and not any(out.iterdir())):
+            raise UsageError(f"{name} {out} already exists; pass --overwrite to replace it")
+    if not remote:
+        # A folder may be created with its missing parents; a file needs its folder. Either way the nearest existing
+        # ancestor must be a writable folder.
+        anchor = out.parent if os.fspath(out.parent) else epath.Path(".")
+        if is_dir:
+            while not anchor.exists() and anchor != anchor.parent:
+                anchor = anchor.parent
+        if not anchor.exists():
+            raise UsageError(f"{name} {out}: folder {anchor} does not exist")
+        if not anchor.is_dir():
+            raise UsageError(f"{name} {out}: {anchor} is not a folder")
+        if not os.access(anchor, os.W_OK | os.X_OK):
+            raise UsageError(f"{name} {out}: folder {anchor} is not writable")
+    return out
