@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Sequence
 
 import numpy as np
-from jaxtyping import Bool, Float, Shaped
+from jaxtyping import Bool, Float, Real, Shaped
 
 from sammed3d_jax.cvpr25.cases import Box
 from sammed3d_jax.data.nifti import Geometry
@@ -82,7 +82,7 @@ def case_geometry(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], orient
     return Geometry(affine, tuple(int(s) for s in shape_zyx)[::-1])
 
 
-def zyx_to_grid(points_zyx: Float[np.ndarray, "n 3"], geom: Geometry, grid: Geometry) -> Float[np.ndarray, "n 3"]:
+def zyx_to_grid(points_zyx: Real[np.ndarray, "n 3"], geom: Geometry, grid: Geometry) -> Float[np.ndarray, "n 3"]:
     """Challenge indices ``(z, y, x)`` of a volume on ``geom`` (``case_geometry``) -> float indices of ``grid``."""
     pts = np.asarray(points_zyx, np.float64).reshape(-1, 3)[:, ::-1]
     world = np.c_[pts, np.ones(len(pts))] @ geom.affine.T

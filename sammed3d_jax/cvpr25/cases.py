@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from sammed3d_jax.cvpr25.safe_npz import NpzError, object_array, read_npz
+from sammed3d_jax.cvpr25.safe_npz import NpzError, object_array, plain, read_npz
 
 BOX_KEYS = ("z_min", "z_max", "z_mid", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
 SPACING_ORDERS = ("xyz", "zyx")
@@ -223,6 +223,9 @@ def read_case(path: str | os.PathLike, gts_path: str | os.PathLike | None = None
     p = epath.Path(path)
     data = read_npz(p)
     where = os.fspath(p)
+    for key in ("boxes", "clicks", "clicks_order"):  # equal-length string lists come back as numpy str arrays
+        if isinstance(data.get(key), np.ndarray):
+            data[key] = plain(data[key], f"{where} ({key})")
     imgs = _volume(data, "imgs", where)
     if imgs is None:
         raise NpzError(f"{where}: no 'imgs' array")

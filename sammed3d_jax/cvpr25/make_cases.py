@@ -54,7 +54,7 @@ def to_lps_zyx(array: np.ndarray, geom: Geometry) -> tuple[np.ndarray, tuple[flo
     return np.ascontiguousarray(lps.transpose(2, 1, 0)), spacing
 
 
-def scale_to_uint8(image: np.ndarray, modality: str, window: Sequence[float] | None = None) -> np.ndarray:
+def scale_to_uint8(image: np.ndarray, modality: str, window: Sequence[float | int] | None = None) -> np.ndarray:
     """Clips to ``window`` (or the module's percentile rule) and scales linearly to uint8 0-255 (rounded).
 
     Raises:
@@ -81,7 +81,7 @@ def _group(records: Sequence[Record]) -> dict[tuple[str, str], list[Record]]:
 
 
 def make_case(records: Sequence[Record], name: str, out_dir: epath.Path, *, seed: int = 0,
-              window: Sequence[float] | None = None) -> MadeCase:
+              window: Sequence[float | int] | None = None) -> MadeCase:
     """Writes ``out_dir/<name>.npz`` from the records of one case (one image, its targets).
 
     Raises:
@@ -120,7 +120,7 @@ def make_case(records: Sequence[Record], name: str, out_dir: epath.Path, *, seed
 
 
 def make_cases(dataset: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0,
-               window: Sequence[float] | None = None, limit: int | None = None,
+               window: Sequence[float | int] | None = None, limit: int | None = None,
                on_case: Callable[[str, str | None], None] = lambda name, error: None
                ) -> tuple[list[MadeCase], list[dict]]:
     """Turns every case of ``dataset`` into ``out/<case>.npz`` (module docstring) and writes ``out/cases.json``.
