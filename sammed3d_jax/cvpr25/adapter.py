@@ -219,7 +219,7 @@ class ChallengePredictor:
             return None, None
         pts = np.concatenate(extent)
         lo, hi = np.floor(pts.min(0) + 0.5).astype(int), np.floor(pts.max(0) + 0.5).astype(int) + 1
-        windows = window_starts(lo, hi, size, self.max_windows)
+        windows = window_starts(lo.tolist(), hi.tolist(), size, self.max_windows)
         region_lo = np.maximum(np.min(windows, axis=0), 0)
         region_hi = np.minimum(np.max(windows, axis=0) + size, shape)
         region = tuple(slice(int(a), int(b)) for a, b in zip(region_lo, region_hi, strict=True))
