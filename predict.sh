@@ -3,7 +3,7 @@
 # case in /workspace/inputs and reads /workspace/outputs/<case>.npz (segs). Each step is a fresh container, so the
 # previous step's output is replaced (--overwrite). The SAMMED3D_* variables only serve tests and local runs.
 set -e
-exec python -m sammed3d_jax.cvpr25 predict \
+exec "${PYTHON:-python}" -m sammed3d_jax.cvpr25 predict \
     --inputs "${SAMMED3D_INPUTS:-/workspace/inputs}" \
     --outputs "${SAMMED3D_OUTPUTS:-/workspace/outputs}" \
     --checkpoint "${SAMMED3D_CHECKPOINT:-/opt/sammed3d_jax/checkpoint}" \

@@ -4,6 +4,10 @@ written files from ``all_segs`` alone."""
 
 import dataclasses
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,12 +17,15 @@ import standins
 from sammed3d_jax.checkpoint.params_io import save_params
 from sammed3d_jax.cvpr25 import clicks, metrics, report
 from sammed3d_jax.cvpr25.__main__ import main
+from sammed3d_jax.cvpr25.adapter import ChallengePredictor
 from sammed3d_jax.cvpr25.cases import Box, Case, case_arrays, read_case
 from sammed3d_jax.cvpr25.evaluate import evaluate_case
 from sammed3d_jax.cvpr25.make_cases import make_cases
 from sammed3d_jax.cvpr25.safe_npz import read_npz
 from sammed3d_jax.data.synthetic import make_synthetic_dataset
 from sammed3d_jax.model import ModelConfig, init_variables
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _case(with_boxes=True, labels=(1, 2)):
@@ -155,3 +162,25 @@ def test_predict_cli_on_a_click_step_and_its_refusals(made, capsys, tmp_path):
     (inputs / "evil.npz").unlink()
     assert main(args + ["--overwrite"]) == 0
     assert np.array_equal(read_npz(outputs / "synth_000.npz")["segs"], segs)  # deterministic
+
+
+@pytest.mark.slow
+def test_predict_sh_is_the_container_entry(made, tmp_path):
+    inputs, outputs = tmp_path / "inputs", tmp_path / "outputs"
+    inputs.mkdir()
+    outputs.mkdir()
+    case = read_case(made / "cases" / "synth_001.npz")
+    np.savez_compressed(inputs / case.name, **case_arrays(dataclasses.replace(case, gts=None)))
+    np.savez_compressed(outputs / case.name, segs=np.zeros(case.imgs.shape, np.uint8))  # the previous step's
+    env = {k: v for k, v in os.environ.items() if k != "SAMMED3D_TRACEBACK"}
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", SAMMED3D_INPUTS=str(inputs),
+               SAMMED3D_OUTPUTS=str(outputs), SAMMED3D_CHECKPOINT=str(made / "ckpt"),
+               SAMMED3D_JAX_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(["sh", str(REPO / "predict.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    expected = ChallengePredictor.from_model(init_variables(ModelConfig.variant("tiny"), jax.random.key(0)),
+                                             ModelConfig.variant("tiny")).predict_case(case.imgs, case.spacing,
+                                                                                       case.prompts())
+    assert np.array_equal(read_npz(outputs / case.name)["segs"], expected)
+    assert any((tmp_path / "cache").iterdir())
