@@ -167,3 +167,27 @@ def test_scale_to_uint8():
     assert scaled[:100].max() == 0 and scaled.max() == 255  # the zero background stays 0
     with pytest.raises(ValueError, match="empty"):
         make_cases.scale_to_uint8(np.full(10, 5.0), "ct")
+
+
+def test_make_cases_merges_the_targets_of_the_upstream_layout(tmp_path):
+    from sammed3d_jax.data.nifti import write_nifti
+
+    geom = Geometry(np.diag([-1.2, -1.2, 2.5, 1.0]), (16, 14, 8))  # LPS: stored arrays are the voxels transposed
+    image = np.random.default_rng(0).uniform(10, 100, geom.shape).astype(np.float32)
+    masks = {"liver": (slice(2, 8), slice(3, 9), slice(1, 5)), "kidney": (slice(9, 14), slice(4, 8), slice(2, 6))}
+    for target, region in masks.items():
+        folder = tmp_path / "root" / target / "ct_toy"
+        label = np.zeros(geom.shape, np.uint8)
+        label[region] = 1
+        write_nifti(folder / "imagesTr" / "case7.nii.gz", image, geom)
+        write_nifti(folder / "labelsTr" / "case7.nii.gz", label, geom)
+    made, failures = make_cases.make_cases(tmp_path / "root", tmp_path / "out", window=(0, 100))
+    assert failures == [] and [m.name for m in made] == ["case7.npz"]
+    assert [c["target"] for c in made[0].classes] == ["kidney", "liver"]  # targets in name order: classes 1, 2
+    case = cases.read_case(tmp_path / "out" / "case7.npz")
+    for k, target in enumerate(["kidney", "liver"], 1):
+        expected = np.zeros(geom.shape, bool)
+        expected[masks[target]] = True
+        assert np.array_equal(case.gts == k, expected.transpose(2, 1, 0))
+    np.testing.assert_allclose(case.spacing, (1.2, 1.2, 2.5), rtol=1e-6)  # (x, y, z); the header is float32
+    assert len(case.boxes) == 2
