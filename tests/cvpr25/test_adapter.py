@@ -132,3 +132,29 @@ def test_window_starts():
     assert [t[0] for t in tiles] == [0, 16, 32, 48] and {t[1:] for t in tiles} == {(-11, -11)}
     few = window_starts((0, 0, 0), (80, 80, 80), 32, 27)  # 4^3 > 27: the fewest covering windows, 3 per axis
     assert len(few) == 27 and sorted({t[0] for t in few}) == [0, 24, 48]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(ModelConfig(), "num_point_embeddings"),
+                    reason="the box-capable model layout (ModelConfig.num_point_embeddings) is not on this branch yet")
+def test_box_prompt_through_a_box_capable_model():
+    import jax
+    import jax.numpy as jnp
+
+    from sammed3d_jax.model import init_variables
+    from sammed3d_jax.model.sam import Sam3D, upsample_logits
+
+    cfg = ModelConfig.variant("tiny").replace(num_point_embeddings=4)
+    variables = init_variables(cfg, jax.random.key(0))
+    pred = ChallengePredictor.from_model(variables, cfg)
+    assert has_box_embeddings(cfg) and pred.box_prompt == "box"
+    roi = np.random.default_rng(2).normal(size=(32, 32, 32)).astype(np.float32)
+    box6 = np.array([3.0, 5.0, 7.0, 20.0, 22.0, 24.0])
+    inter = pred.segmenter.start(roi)
+    got = pred._replay_box(inter, box6, [])
+    model = Sam3D(cfg)
+    low, _ = model.apply(variables, inter.embedding, None, None, jnp.zeros((1, 16, 16, 16, 1)),
+                         boxes=jnp.asarray(box6[None], jnp.float32), method=Sam3D.decode)  # upstream's box-only call
+    np.testing.assert_allclose(got, np.asarray(upsample_logits(low, 32))[0, ..., 0], atol=1e-5)
+    segs = pred.predict_case(_image(), ISO, [ClassPrompts(BOX1, (((8, 14, 12), True),))])
+    assert segs.shape == SHAPE and segs.dtype == np.uint8
