@@ -4,7 +4,8 @@
   the inputs writes ``<case>.npz`` with ``segs`` (uint8 class ids 1..K in the order of the case's boxes/clicks).
 - ``evaluate --cases DIR [--gts DIR] --checkpoint W --out O``: the official six-step loop in one process (box, then
   five simulated clicks); writes ``O/<case>.npz`` (``segs``, ``all_segs``, ``clicks``, ``clicks_order``),
-  ``O/metrics.csv`` (official columns), ``O/summary.json`` and ``O/dsc_nsd_vs_step.png``.
+  ``O/metrics.csv`` (official columns, rewritten after every case), ``O/summary.json`` and ``O/dsc_nsd_vs_step.png``;
+  ``--resume`` continues an interrupted run.
 - ``make-cases DATASET OUT``: challenge cases (``imgs`` 0-255, ``spacing``, ``gts``, ``boxes``) from an nnU-Net/MSD or
   upstream-layout dataset.
 
@@ -124,12 +125,18 @@ def _evaluate(args) -> int:
     if args.gts and not os.path.isdir(args.gts) and "://" not in args.gts:
         raise cli.UsageError(f"--gts {args.gts}: not a folder")
     out = cli.check_output_path(args.out, inputs=[args.cases] + ([args.gts] if args.gts else []),
-                                overwrite=args.overwrite, name="--out", is_dir=True)
+                                overwrite=args.overwrite or args.resume, name="--out", is_dir=True)
+    rows, notes = [], {}
+    if args.resume and (out / report_lib.CSV_NAME).exists():
+        # Cases whose row and file are both there are kept; the others are evaluated (again).
+        rows = [r for r in report_lib.read_metrics_csv(out / report_lib.CSV_NAME) if (out / r["CaseName"]).exists()]
+        done = {r["CaseName"] for r in rows}
+        files = [f for f in files if f.name not in done]
+        print(f"resuming: {len(done)} case(s) already evaluated", flush=True)
     loaded, predictor = _predictor(args)
     out.mkdir(parents=True, exist_ok=True)
     compile_s = predictor.warmup()
     print(f"model compiled in {compile_s:.1f} s; box prompt: {predictor.box_prompt}; {len(files)} case(s)", flush=True)
-    rows, notes = [], {}
 
     def on_case(result, failure):
         if failure is not None:
@@ -199,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gts", default="", help="folder of <case>.npz holding 'gts' (default: the cases' own gts)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N cases")
+    p.add_argument("--resume", action="store_true", help="keep the cases --out already holds, evaluate the rest")
     _model_flags(p)
     p = sub.add_parser("make-cases", help="challenge cases from an nnU-Net/MSD or upstream-layout dataset")
     p.add_argument("dataset", help="dataset folder or manifest .json")

@@ -135,6 +135,15 @@ def test_evaluate_writes_the_official_files_and_they_are_reproducible(made, caps
         again = metrics.case_row(row["CaseName"], dscs, nsds, [row[f"RunningTime_{i}"] for i in range(1, 7)], 3)
         assert again == row  # every score, AUC and total time, bit for bit through the CSV
         assert all(row[f"RunningTime_{i}"] > 0 for i in range(1, 7)) and row["runtime_upperbound"] == 270
+    # --resume keeps the cases done (row and file present) and evaluates the rest, with the same scores.
+    (out / "synth_001.npz").unlink()
+    code = main(["evaluate", "--cases", str(made / "cases"), "--checkpoint", str(made / "ckpt"), "--out", str(out),
+                 "--no-compilation-cache", "--resume"])
+    assert code == 0 and "resuming: 1 case(s) already evaluated" in capsys.readouterr().out
+    again = report.read_metrics_csv(out / "metrics.csv")
+    assert again[0] == rows[0] and (out / "synth_001.npz").exists()
+    scores = [k for k in metrics.CSV_COLUMNS if k.startswith(("DSC", "NSD"))]
+    assert [again[1][k] for k in scores] == [rows[1][k] for k in scores]
 
 
 @pytest.mark.slow
