@@ -174,7 +174,9 @@ class ChallengePredictor:
         """uint8 ``segs`` ``[D, H, W]``: class ``k`` (1-based, prompt order) where the model puts it, 0 elsewhere."""
         return self.predict_with_report(image, spacing, prompts_per_class, prev_pred)[0]
 
-    def predict_with_report(self, image, spacing, prompts_per_class, prev_pred=None) -> tuple[np.ndarray, CaseReport]:
+    def predict_with_report(self, image: Shaped[np.ndarray, "z y x"], spacing: Sequence[float],
+                            prompts_per_class: Sequence[ClassPrompts],
+                            prev_pred: Integer[np.ndarray, "z y x"] | None = None) -> tuple[np.ndarray, CaseReport]:
         """``predict_case`` plus how it was done (windows, encodes, notes)."""
         image = np.asarray(image)
         if image.ndim != 3:
