@@ -238,7 +238,8 @@ class CropPad:
         shift[:3, 3] = self.start
         return Geometry(geom.affine @ shift, self.target_shape)
 
-    def _overlap(self):
+    def overlap(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """``(source slices, window slices)`` of the part of the window that lies inside the source volume."""
         src, dst = [], []
         for s, t, n in zip(self.start, self.target_shape, self.source_shape):
             lo, hi = max(s, 0), min(s + t, n)
@@ -290,7 +291,7 @@ def apply_crop_or_pad(
     if tuple(array.shape[:3]) != crop_pad.source_shape:
         raise ValueError(f"array shape {array.shape} does not match the CropPad source shape {crop_pad.source_shape}")
     out = np.full(crop_pad.target_shape + array.shape[3:], fill, dtype=array.dtype)
-    src, dst = crop_pad._overlap()
+    src, dst = crop_pad.overlap()
     out[dst] = array[src]
     return out
 
@@ -302,7 +303,7 @@ def invert_crop_or_pad(
     if tuple(array.shape[:3]) != crop_pad.target_shape:
         raise ValueError(f"array shape {array.shape} does not match the CropPad target shape {crop_pad.target_shape}")
     out = np.full(crop_pad.source_shape + array.shape[3:], fill, dtype=array.dtype)
-    src, dst = crop_pad._overlap()
+    src, dst = crop_pad.overlap()
     out[src] = array[dst]
     return out
 
