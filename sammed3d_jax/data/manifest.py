@@ -183,6 +183,8 @@ def _nnunet_dataset(folder, split, scan_labels, workers, problems):
         if isinstance(found, str):
             problems.append((label, found))
             continue
+        if scan_labels and not any(v != 0 and v not in ignored for v in found):
+            problems.append((label, "no target: the label map holds background (0) only"))
         for value in found:
             if value == 0 or value in ignored:
                 continue
