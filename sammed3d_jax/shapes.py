@@ -20,18 +20,7 @@ Point labels (int32)
   (prompt-less) call.
 """
 
-from typing import TypeAlias
-
-from jaxtyping import Array, Bool, Float, Int
-
 POSITIVE = 1
 NEGATIVE = 0
 NOT_A_POINT = -1
 ABSENT = -2
-
-Volume: TypeAlias = Float[Array, "b h w d 1"]
-Mask: TypeAlias = Bool[Array, "b h w d"]
-Points: TypeAlias = Float[Array, "b n 3"]
-PointLabels: TypeAlias = Int[Array, "b n"]
-MaskLogits: TypeAlias = Float[Array, "b h4 w4 d4 m"]
-ImageEmbedding: TypeAlias = Float[Array, "b g0 g1 g2 c"]
