@@ -72,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run_absl_app(main, _define_flags, default_config=_default_config)
+    cli.run_absl_app(main, _define_flags, default_config=_default_config,
+                     validate=lambda: FLAGS["config"].value.to_dict())

@@ -166,8 +166,9 @@ def _flag_error(err: BaseException, argv: list[str], default_config: Callable | 
     if isinstance(err, (SyntaxError, NameError, ImportError)) and config_file:
         return (f"--config {config_file}: not a Python config file with get_config() "
                 f"({type(err).__name__}: {one_line(err)})")
-    if isinstance(err, OSError) and config_file and "No such file" in text:
-        return f"--config {config_file}: does not exist"
+    if isinstance(err, OSError) and config_file and ("No such file" in text or "not available" in text):
+        return f"--config {config_file}: does not exist" if "No such file" in text else (
+            f"--config {config_file}: cannot be loaded ({' '.join(text.split())[-200:]})")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if "Traceback" in text and lines:  # ml_collections wraps a config file's own error with its traceback
         return f"{lines[0].removeprefix('flag ').split(': Error whilst', 1)[0]}: {lines[-1]}"
@@ -175,7 +176,8 @@ def _flag_error(err: BaseException, argv: list[str], default_config: Callable | 
 
 
 def run_absl_app(main: Callable[[list[str]], int | None], define_flags: Callable[[], None], *,
-                 default_config: Callable | None = None, argv: list[str] | None = None) -> NoReturn:
+                 default_config: Callable | None = None, validate: Callable[[], object] | None = None,
+                 argv: list[str] | None = None) -> NoReturn:
     """``absl.app.run`` with one-line errors for flags, config files and ``--config.`` overrides, then ``main``.
 
     ml_collections reads ``--config`` and its overrides while the flags are defined and again while they are
@@ -185,6 +187,8 @@ def run_absl_app(main: Callable[[list[str]], int | None], define_flags: Callable
       main: the absl main, called with the remaining arguments (wrapped with :func:`guarded`).
       define_flags: defines the absl flags (module-level ``DEFINE_*`` calls moved into a function).
       default_config: returns the default ConfigDict, used to list the valid keys near a typo.
+      validate: called after parsing, under the same handling (e.g. ``lambda: CONFIG.value``: a config file given
+        on the command line is only loaded when its value is first read).
       argv: the command line (default ``sys.argv``).
     """
     from absl import app, flags
@@ -201,6 +205,12 @@ def run_absl_app(main: Callable[[list[str]], int | None], define_flags: Callable
                 raise
             fail(_flag_error(err, argv, default_config))
 
+    def parse(args: list[str]) -> object:
+        rest = flags.FLAGS(args)
+        if validate is not None:
+            validate()
+        return rest
+
     attempt(define_flags)
-    app.run(guarded(main), argv=argv, flags_parser=lambda args: attempt(lambda: flags.FLAGS(args)))
+    app.run(guarded(main), argv=argv, flags_parser=lambda args: attempt(lambda: parse(args)))
     raise SystemExit(0)  # app.run exits itself; this line only states the contract
