@@ -1,6 +1,6 @@
 """Array shapes, axis order and prompt-label values: the one statement the whole package follows.
 
-Axis order (decided, see STYLE.md §3)
+Axis order
 - Volumes are channels-last ``[b, h, w, d, c]``. ``(h, w, d)`` are the nibabel voxel axes ``(i, j, k)`` of the
   image after reorientation to RAS+, i.e. "spatial axis 0, 1, 2". Upstream SAM-Med3D feeds torchio tensors
   ``(B, 1, X0, X1, X2)`` whose spatial axes are exactly these; PyTorch calls them ``(D, H, W)``.

@@ -1,7 +1,7 @@
 """Dataset discovery and the manifest: which (image, label, target) pairs a dataset holds.
 
 Owns: ``Record`` (one binary target of one case), ``discover(root)`` for the two layouts users have, and the
-manifest JSON file (``write_manifest`` / ``read_manifest``). Layouts (UPSTREAM.md §3.1):
+manifest JSON file (``write_manifest`` / ``read_manifest``). Layouts:
 
 - upstream SAM-Med3D: ``<root>/<target>/<dataset>/labelsTr/<case>.nii.gz`` with binary labels (value 1) and
   the image at the same file name under ``imagesTr`` (upstream replaces "labels" by "images"; we do it in the
