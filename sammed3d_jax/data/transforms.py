@@ -9,7 +9,7 @@ order of ``data/nifti.py`` (any trailing channel axes ride along) and have an in
 Order upstream uses at inference: resample on the file's grid, then ``reorient_to_ras``, then crop.
 Resampling and reorientation commute except at exact nearest-neighbour ties (a flipped axis turns
 round-half-up into round-half-down), so keep that order for label parity. Pasting a ROI prediction back
-(upstream's post-processing) is one call: ``resample_to_geometry(roi, crop_pad.roi_geometry(ras_geom), original_geom, 0)``.
+(upstream's post-step) is one call: ``resample_to_geometry(roi, crop_pad.roi_geometry(ras_geom), original_geom, 0)``.
 Upstream training ignores affines: no resampling, no reorientation, arrays in the file's voxel
 order; that is the caller's choice of which of these functions to apply, not a flag here.
 

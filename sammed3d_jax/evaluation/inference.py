@@ -156,7 +156,7 @@ def window_at(source_shape: Sequence[int] | np.ndarray, start: Sequence[int] | n
 def paste_back(
     roi_values: Shaped[np.ndarray, "s0 s1 s2"], roi_geom: Geometry, original_geom: Geometry
 ) -> Shaped[np.ndarray, "h w d"]:
-    """Nearest resampling of ROI values (mask or label) onto the original grid; zero outside the ROI (upstream's post-processing)."""
+    """Nearest resampling of ROI values (mask or label) onto the original grid; zero outside the ROI (as upstream)."""
     values = np.asarray(roi_values)
     if values.dtype == np.bool_:
         return transforms.resample_to_geometry(values.astype(np.uint8), roi_geom, original_geom, order=0) > 0
