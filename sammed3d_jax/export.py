@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.quiet_library_logs()
     if not args.out.endswith(".safetensors"):
         raise cli.UsageError(f"OUT {args.out}: the file name must end in .safetensors")
+    if not epath.Path(args.ckpt_dir).exists():
+        raise cli.UsageError(f"CKPT_DIR {args.ckpt_dir}: does not exist")
     cli.check_output_path(args.out, inputs=[args.ckpt_dir], overwrite=args.overwrite, name="OUT")
     n = export_safetensors(args.ckpt_dir, args.out)
     print(f"wrote {args.out}: {n} tensors with upstream names and PyTorch layouts")
