@@ -2,7 +2,9 @@
 
 A user's mistake (a missing file, a bad flag value, an existing output) ends a command with one line on stderr,
 ``error: <what, naming the file or argument>``, and exit status 2, never a traceback; Ctrl-C ends it with status 130.
-``SAMMED3D_TRACEBACK=1`` re-raises instead, for debugging. Must not import jax, flax, the model or training/.
+``SAMMED3D_TRACEBACK=1`` re-raises instead, for debugging. ``run_absl_app`` does the same for absl/ml_collections
+entry points, whose flags and config files are read before ``main`` runs (a misspelt ``--config.key`` lists the
+keys next to it). Must not import jax, flax, the model or training/.
 """
 
 import functools
