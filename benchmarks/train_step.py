@@ -9,7 +9,7 @@ peak is ``jax.Device.memory_stats()["peak_bytes_in_use"]``, on CPU the process's
 one training uses (``training.step.jit_train_step`` on a one-device mesh, state donated) with upstream's recipe:
 AdamW with 20-step accumulation, ``min_clicks = max_clicks = clicks`` (every step runs all clicks), remat of the
 click scan and (GPU mode) of the encoder blocks. The batch is random data with a box target, already on device, so
-the data pipeline is not measured. Prints a table; not a test. Targets (issue 5, one H200): >= 500 samples/s at 1
+the data pipeline is not measured. Prints a table; not a test. Targets (one H200): >= 500 samples/s at 1
 click, >= 300 at 11 clicks, peak <= 8 GiB; upstream PyTorch: 33.6-33.9 samples/s / 63.5 GiB at 1 click.
 """
 

@@ -1,7 +1,7 @@
 """Dataset discovery and the manifest: which (image, label, target) pairs a dataset holds.
 
 Owns: ``Record`` (one binary target of one case), ``discover(root)`` for the two layouts users have, and the
-manifest JSON file (``write_manifest`` / ``read_manifest``). Layouts (UPSTREAM.md §3.1):
+manifest JSON file (``write_manifest`` / ``read_manifest``). Layouts:
 
 - upstream SAM-Med3D: ``<root>/<target>/<dataset>/labelsTr/<case>.nii.gz`` with binary labels (value 1) and
   the image at the same file name under ``imagesTr`` (upstream replaces "labels" by "images"; we do it in the
@@ -183,6 +183,8 @@ def _nnunet_dataset(folder, split, scan_labels, workers, problems):
         if isinstance(found, str):
             problems.append((label, found))
             continue
+        if scan_labels and not any(v != 0 and v not in ignored for v in found):
+            problems.append((label, "no target: the label map holds background (0) only"))
         for value in found:
             if value == 0 or value in ignored:
                 continue

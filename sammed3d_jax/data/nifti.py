@@ -1,7 +1,7 @@
 """NIfTI reading, writing and RAS reorientation (nibabel only).
 
 Owns: the one place where volumes enter and leave the package as files, and the axis-order convention of
-STYLE.md §3 as code. An array returned here is indexed in nibabel voxel order ``(i, j, k)`` (never SimpleITK's
+``shapes.py`` as code. An array returned here is indexed in nibabel voxel order ``(i, j, k)`` (never SimpleITK's
 reversed ``(z, y, x)``); ``Geometry.spacing_mm`` is in that same array order. ``reorient_to_ras`` permutes and
 flips the axes (no interpolation) so that axis 0, 1, 2 point to Right, Anterior, Superior, as torchio's
 ``ToCanonical`` (``nib.as_closest_canonical``) does; ``reorient_from_ras`` undoes it exactly.

@@ -12,7 +12,7 @@ process's batch ``j`` is the same global batch for any process count, device cou
 iterator state (the global batch index plus a settings fingerprint) restores under any of them. Batching is by
 index, before ``to_iter_dataset``, so ``mp_prefetch`` workers (which take every N-th item) cannot regroup samples.
 
-Per training sample (UPSTREAM.md §3.2, quirks 9, 10, 21):
+Per training sample (upstream's training pipeline, its quirks optional where noted):
 
 1. Crop-or-pad to ``crop_size`` centred on the target's bounding box (torchio's rule; the box comes from the
    index, equal to ``transforms.crop_or_pad_box``), zero padding for image and label.
@@ -24,7 +24,7 @@ Per training sample (UPSTREAM.md §3.2, quirks 9, 10, 21):
    rule in training; ``"always"``, ``"never"``).
 4. Z-normalisation over ``x > 0`` with unbiased std, statistics on the crop. ``normalization="per_volume"``
    (default: a sample does not depend on its batch neighbours, and it matches inference) or ``"batch_pooled"``
-   (upstream training, quirk 9: one mean/std over the whole batch) or ``"none"``.
+   (upstream training: one mean/std over the whole batch) or ``"none"``.
 5. Random flip of each axis with p = 0.5, image and label together.
 
 A record that cannot be read (missing/truncated ``.npy``, wrong shape, NaN/inf in the crop, zero-variance crop)
@@ -177,7 +177,7 @@ def crop_window(record: cache.PreparedRecord, crop_size: int) -> transforms.Crop
 
 
 def _pool_normalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    # Upstream training (quirk 9): one mean/std over the x > 0 voxels of the whole batch.
+    # Upstream training: one mean/std over the x > 0 voxels of the whole batch.
     images = transforms.z_normalize(batch["image"][..., 0], batch_pooled=True, name="batch")
     return {**batch, "image": images[..., None]}
 

@@ -15,7 +15,7 @@ Must not import jax, flax, grain or the model.
   shape/affine mismatch, ...) or any error while processing is skipped and recorded in ``failed/<key>.json``
   (retried only when its files change, or with ``--retry-failed``); the summary counts skips by reason.
 - Small targets (named option ``min_target_mm3``, ``--min-target-mm3``): upstream's nnU-Net conversion drops
-  targets whose volume on the ORIGINAL grid is below 10 mm^3 (quirk 21); that is the default. 0 keeps every
+  targets whose volume on the ORIGINAL grid is below 10 mm^3 (in mm^3, not voxels); the default. 0 keeps every
   non-empty target. A target that disappears when resampled (0 voxels at the target spacing) is always dropped.
   The training-time rule (crops with <= 1000 target voxels are redrawn) lives in ``data/pipeline.py``.
 - Upstream-layout datasets duplicate each image under every target folder; those copies are separate files and

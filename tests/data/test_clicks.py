@@ -90,8 +90,8 @@ def test_random_click_is_uniform_over_error_region():
 def test_first_click_is_uniform_over_target():
     gt = np.zeros((1, 3, 5, 7), bool)
     gt[0, 1:3, 2:5, 3:7] = True
-    # Upstream's first step: zero logits, i.e. an empty prediction.
-    pred = clicks.threshold_logits(jnp.zeros((1, 3, 5, 7, 1)), logit_threshold=clicks.TRAIN_LOGIT_THRESHOLD)
+    # Upstream's first step: zero logits, i.e. an empty prediction under either threshold.
+    pred = jnp.zeros((1, 3, 5, 7), bool)
     points, labels = _draw_many(jax.random.split(jax.random.key(7), N_DRAWS), jnp.asarray(gt), pred)
     assert np.all(np.asarray(labels) == POSITIVE)
     assert _chi_square_p(np.asarray(points)[:, 0].astype(int), [tuple(v) for v in np.argwhere(gt[0])]) > 1e-3
@@ -106,16 +106,6 @@ def test_fallbacks_and_absent():
         points, labels = fn(jax.random.key(0), jnp.asarray(gt), jnp.asarray(pred))
         np.testing.assert_array_equal(np.asarray(points), [[1, 2, 2], [2, 2, 1], [0, 0, 1]])
         np.testing.assert_array_equal(np.asarray(labels), [POSITIVE, ABSENT, NEGATIVE])
-
-
-def test_logit_threshold_parity_option():
-    gt = jnp.zeros(SHAPE, bool)
-    logits = jnp.zeros(SHAPE).at[0, 1, 1, 1].set(0.3)  # probability 0.57: predicted at inference only
-    draw = jax.jit(clicks.sample_click_from_logits, static_argnames="logit_threshold")
-    points, labels = draw(jax.random.key(3), gt, logits)
-    assert int(labels[0]) == NEGATIVE and tuple(np.asarray(points[0])) == (1, 1, 1)
-    _, labels = draw(jax.random.key(3), gt, logits, logit_threshold=clicks.TRAIN_LOGIT_THRESHOLD)
-    assert int(labels[0]) == ABSENT
 
 
 def test_deterministic_for_a_key():

@@ -316,7 +316,7 @@ def test_clip_flip_and_foreground_rule():
 
 
 def test_inference_roi_chain_and_paste_back():
-    """UPSTREAM.md §3.3: resample -> RAS -> crop around the target; paste back = one nearest resample of the ROI
+    """Upstream inference order: resample -> RAS -> crop around the target; paste back = one nearest resample of the ROI
     onto the original grid (outside the ROI: 0). Blocky labels on a 0.75 mm LPS grid come back exactly."""
     rng = np.random.default_rng(4)
     coarse = np.zeros((10, 9, 8), np.uint8)
