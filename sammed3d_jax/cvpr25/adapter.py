@@ -235,7 +235,7 @@ class ChallengePredictor:
             logits = self._replay(inter, start, prompts, coords, box_lo, box_hi, k, report)
             if logits is None:
                 continue
-            src, dst = inference.window_at(case.geom.shape, start, size)._overlap()
+            src, dst = inference.window_at(case.geom.shape, start, size).overlap()
             local = tuple(slice(a.start - int(o), a.stop - int(o)) for a, o in zip(src, region_lo, strict=True))
             prob_sum[local] += special.expit(logits)[dst]
             weight[local] += 1.0

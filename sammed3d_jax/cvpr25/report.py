@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from sammed3d_jax.cvpr25.metrics import CSV_COLUMNS, STEPS
-from sammed3d_jax.evaluation.report import json_safe
+from sammed3d_jax.writers import json_safe
 
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "metrics.csv", "summary.json", "dsc_nsd_vs_step.png"
 

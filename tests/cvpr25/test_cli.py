@@ -28,7 +28,7 @@ def test_refusals_name_the_argument(tmp_path):
     assert_refused(proc, mentions=["--out", "is an input of this command"], unchanged=before)
     proc = run_cli(MODULE + ["predict", "--inputs", str(cases), "--outputs", str(tmp_path / "o"), "--checkpoint",
                              str(tmp_path / "no_ckpt"), "--no-compilation-cache"])
-    assert_refused(proc, mentions=["no_ckpt", "no such checkpoint"], unchanged=before)
+    assert_refused(proc, mentions=["no_ckpt", "checkpoint does not exist"], unchanged=before)
     proc = run_cli(MODULE + ["make-cases", str(tmp_path / "missing"), str(tmp_path / "m")])
     assert_refused(proc, mentions=["DATASET", "missing"], absent=[tmp_path / "m"])
     proc = run_cli(MODULE + ["make-cases", str(cases), str(tmp_path / "m"), "--window", "5,1"])
