@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sammed3d_jax.data.manifest import Record, load_records
-from sammed3d_jax.data.nifti import DataFileError, nonfinite_message, read_image, read_label
+from sammed3d_jax.data.nifti import DataFileError, Geometry, nonfinite_message, read_geometry, read_image, read_label
 
 # Image and label grids must agree to this much: direction/spacing entries (mm per voxel) and origin (mm).
 # Loose enough for float32 header rounding by different writers, far below any real misregistration.
@@ -36,42 +36,39 @@ class Problem:
     problem: str
 
 
+def _header_geometry(path: str):
+    # The voxel data could not be read; the header may still be, so geometry mismatches are reported as well.
+    try:
+        return read_geometry(path)
+    except DataFileError:
+        return None
+
+
 def _validate_pair(image_path: str, label_path: str, targets: Sequence[Record]) -> list[Problem]:
     problems = []
-    image = label = None
+    label = image_geom = label_geom = None
     for path, what in ((image_path, "image"), (label_path, "label")):
         if not os.path.exists(path):
             other = label_path if what == "image" else image_path
             problems.append(Problem(path, f"{what} file not found (missing pair of {os.path.basename(other)})"))
-    try:
-        if os.path.exists(image_path):
+    if os.path.exists(image_path):
+        try:
             image, image_geom = read_image(image_path, allow_nonfinite=True)
             message = nonfinite_message(image)
             if message:
                 problems.append(Problem(image_path, message))
-    except DataFileError as err:
-        problems.append(Problem(image_path, err.problem))
-    try:
-        if os.path.exists(label_path):
+            del image
+        except DataFileError as err:
+            problems.append(Problem(image_path, err.problem))
+            image_geom = _header_geometry(image_path)
+    if os.path.exists(label_path):
+        try:
             label, label_geom = read_label(label_path)
-    except DataFileError as err:
-        problems.append(Problem(label_path, err.problem))
-    if image is not None and label is not None:
-        if image_geom.shape != label_geom.shape:
-            problems.append(
-                Problem(label_path, f"shape {label_geom.shape} differs from the image's {image_geom.shape}")
-            )
-        else:
-            diff = np.abs(image_geom.affine - label_geom.affine)
-            if diff[:3, :3].max() > LINEAR_TOL or diff[:3, 3].max() > ORIGIN_TOL_MM:
-                problems.append(
-                    Problem(
-                        label_path,
-                        f"affine differs from the image's (max difference {diff.max():.3g}; image "
-                        f"{''.join(image_geom.orientation)} {image_geom.spacing_mm}, label "
-                        f"{''.join(label_geom.orientation)} {label_geom.spacing_mm})",
-                    )
-                )
+        except DataFileError as err:
+            problems.append(Problem(label_path, err.problem))
+            label_geom = _header_geometry(label_path)
+    if image_geom is not None and label_geom is not None:
+        problems += _geometry_problems(image_geom, label_geom, label_path)
     if label is not None:
         counts = None
         for record in targets:
@@ -85,6 +82,17 @@ def _validate_pair(image_path: str, label_path: str, targets: Sequence[Record]) 
                     )
                 )
     return problems
+
+
+def _geometry_problems(image_geom: Geometry, label_geom: Geometry, label_path: str) -> list[Problem]:
+    if image_geom.shape != label_geom.shape:
+        return [Problem(label_path, f"shape {label_geom.shape} differs from the image's {image_geom.shape}")]
+    diff = np.abs(image_geom.affine - label_geom.affine)
+    if diff[:3, :3].max() > LINEAR_TOL or diff[:3, 3].max() > ORIGIN_TOL_MM:
+        return [Problem(label_path, f"affine differs from the image's (max difference {diff.max():.3g}; image "
+                                    f"{''.join(image_geom.orientation)} {image_geom.spacing_mm}, label "
+                                    f"{''.join(label_geom.orientation)} {label_geom.spacing_mm})")]
+    return []
 
 
 def validate_records(records: Sequence[Record], *, workers: int = 1, progress: bool = False) -> list[Problem]:

@@ -120,8 +120,65 @@ def _spatial_shape(img: nib.Nifti1Image, path: PathLike) -> tuple[int, int, int]
     return shape[:3]
 
 
+# Deflate cannot expand data by more than about 1032:1; a header that claims more voxels than that is a lie.
+MAX_DEFLATE_RATIO = 1032
+
+
+def _stored_bytes(img: nib.Nifti1Image, shape: tuple[int, ...]) -> int:
+    return int(img.header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+
+
+def _gzip_holds_at_least(path: str, needed: int) -> bool:
+    """Whether the gzip file decompresses to >= ``needed`` bytes, decompressing in bounded chunks (no buffer)."""
+    decomp = zlib.decompressobj(zlib.MAX_WBITS | 32)
+    total = 0
+    with open(path, "rb") as f:
+        while total < needed:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return False
+            total += len(decomp.decompress(chunk, 1 << 24))
+            while decomp.unconsumed_tail and total < needed:
+                total += len(decomp.decompress(decomp.unconsumed_tail, 1 << 24))
+            if decomp.eof:
+                rest = decomp.unused_data
+                if not rest:
+                    continue
+                decomp = zlib.decompressobj(zlib.MAX_WBITS | 32)  # a multi-member gzip file: next member
+                total += len(decomp.decompress(rest, 1 << 24))
+    return True
+
+
+def _check_size(img: nib.Nifti1Image, path: PathLike, shape: tuple[int, ...]) -> None:
+    """Refuses a header whose shape x dtype needs more bytes than the file can hold, before anything is allocated.
+
+    ``.nii``: the file size. ``.nii.gz``: at most ``MAX_DEFLATE_RATIO`` times the compressed size; then the gzip
+    trailer's ISIZE (uncompressed size mod 2^32, of the last member); only when that disagrees is the stream
+    decompressed and counted, in bounded chunks.
+    """
+    path = os.fspath(path)
+    needed = _stored_bytes(img, shape)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+        if gzipped and size >= 18:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+    if not gzipped:
+        ok, holds = size >= needed, f"{size} bytes"
+    elif needed > size * MAX_DEFLATE_RATIO:
+        ok, holds = False, f"{size} compressed bytes (at most {size * MAX_DEFLATE_RATIO} uncompressed)"
+    else:
+        ok = (size >= 18 and needed < 2**32 and isize >= needed) or _gzip_holds_at_least(path, needed)
+        holds = "less once decompressed"
+    if not ok:
+        raise DataFileError(path, f"cannot read voxel data, file truncated or corrupt (the header claims shape "
+                                  f"{shape} of {img.get_data_dtype()}, {needed} bytes; the file holds {holds})")
+
+
 def _read_voxels(img: nib.Nifti1Image, path: PathLike, dtype) -> np.ndarray:
     shape = _spatial_shape(img, path)
+    _check_size(img, path, tuple(int(s) for s in img.shape))
     try:
         # One read through the lazy proxy; nibabel applies scl_slope/scl_inter in the requested dtype.
         data = np.asarray(img.dataobj, dtype=dtype)
@@ -130,6 +187,13 @@ def _read_voxels(img: nib.Nifti1Image, path: PathLike, dtype) -> np.ndarray:
             path, f"cannot read voxel data, file truncated or corrupt ({type(err).__name__}: {err})"
         ) from err
     return data.reshape(shape)
+
+
+def _geometry(img: nib.Nifti1Image, path: PathLike, shape: tuple[int, ...]) -> Geometry:
+    try:
+        return Geometry(img.affine, shape)
+    except ValueError as err:  # zero-length, NaN or infinite axes in the header's affine
+        raise DataFileError(path, f"unusable geometry in the header: {err}") from err
 
 
 def nonfinite_message(data: Shaped[np.ndarray, "..."]) -> str | None:
@@ -148,7 +212,7 @@ def read_geometry(path: PathLike) -> Geometry:
         DataFileError: missing or unreadable file, or not a 3-D volume.
     """
     img = _load(path)
-    return Geometry(img.affine, _spatial_shape(img, path))
+    return _geometry(img, path, _spatial_shape(img, path))
 
 
 def read_image(path: PathLike, *, allow_nonfinite: bool = False) -> tuple[Float[np.ndarray, "h w d"], Geometry]:
@@ -170,7 +234,7 @@ def read_image(path: PathLike, *, allow_nonfinite: bool = False) -> tuple[Float[
         message = nonfinite_message(data)
         if message:
             raise DataFileError(path, message)
-    return data, Geometry(img.affine, data.shape)
+    return data, _geometry(img, path, data.shape)
 
 
 def read_label(path: PathLike) -> tuple[Integer[np.ndarray, "h w d"], Geometry]:
@@ -187,7 +251,7 @@ def read_label(path: PathLike) -> tuple[Integer[np.ndarray, "h w d"], Geometry]:
     slope, inter = img.dataobj.slope, img.dataobj.inter
     if np.issubdtype(stored, np.integer) and slope == 1 and inter == 0:
         data = _read_voxels(img, path, None)
-        return data, Geometry(img.affine, data.shape)
+        return data, _geometry(img, path, data.shape)
     data = _read_voxels(img, path, np.float64)
     message = nonfinite_message(data)
     if message:
@@ -201,7 +265,7 @@ def read_label(path: PathLike) -> tuple[Integer[np.ndarray, "h w d"], Geometry]:
         )
     if data.size and (data.min() < np.iinfo(np.int32).min or data.max() > np.iinfo(np.int32).max):
         raise DataFileError(path, f"label values outside the int32 range ({data.min()}..{data.max()})")
-    return data.astype(np.int32), Geometry(img.affine, data.shape)
+    return data.astype(np.int32), _geometry(img, path, data.shape)
 
 
 def _check_shape(array: np.ndarray, geom: Geometry, what: str) -> None:
