@@ -1,7 +1,7 @@
 """Upstream SAM-Med3D preprocessing as pure numpy functions (UPSTREAM.md §3.2-3.4, quirks §6.9/10/21).
 
 Owns: resampling to a target spacing (torchio ``Resample`` grid rule, SimpleITK interpolation semantics),
-crop-or-pad around a target's bounding box (torchio ``CropOrPad(mask_name=...)``) and its inverse,
+crop-or-pad around a target's bounding box (torchio ``CropOrPad(mask_name=...)``),
 z-normalisation over ``x > 0`` (torchio ``ZNormalization``), CT clipping, random flips, and the
 "crop holds more than 1000 target voxels" rule. Spatial ops take arrays ``[h, w, d, ...]`` in the array
 order of ``data/nifti.py`` (any trailing channel axes ride along) and have an inverse.
@@ -283,6 +283,16 @@ def crop_or_pad_box(mask: Shaped[np.ndarray, "h w d"], target_shape=(128, 128, 1
     return CropPad(tuple(int(s) for s in fg.shape), tuple(start), target)
 
 
+def box_crop_window(bbox, source_shape, size: int) -> CropPad:
+    """``crop_or_pad_box(mask, (size,) * 3)`` from the mask's bounding box ``[(first, last + 1)] * 3`` alone.
+
+    torchio's centre rule reduces to ``start = floor((bb_min + bb_max) / 2 - size / 2)`` per axis (see
+    ``crop_or_pad_box``), so no label scan is needed once the box is known.
+    """
+    start = tuple(math.floor((lo + hi) / 2 - size / 2) for lo, hi in bbox)
+    return CropPad(tuple(int(n) for n in source_shape), start, (int(size),) * 3)
+
+
 def apply_crop_or_pad(
     array: Shaped[np.ndarray, "h w d *c"], crop_pad: CropPad, fill=0
 ) -> Shaped[np.ndarray, "t0 t1 t2 *c"]:
@@ -292,18 +302,6 @@ def apply_crop_or_pad(
     out = np.full(crop_pad.target_shape + array.shape[3:], fill, dtype=array.dtype)
     src, dst = crop_pad._overlap()
     out[dst] = array[src]
-    return out
-
-
-def invert_crop_or_pad(
-    array: Shaped[np.ndarray, "t0 t1 t2 *c"], crop_pad: CropPad, fill=0
-) -> Shaped[np.ndarray, "h w d *c"]:
-    """Pastes an ROI back into a ``[*source_shape, ...]`` array of ``fill`` (the inverse of ``apply_crop_or_pad``)."""
-    if tuple(array.shape[:3]) != crop_pad.target_shape:
-        raise ValueError(f"array shape {array.shape} does not match the CropPad target shape {crop_pad.target_shape}")
-    out = np.full(crop_pad.source_shape + array.shape[3:], fill, dtype=array.dtype)
-    src, dst = crop_pad._overlap()
-    out[src] = array[dst]
     return out
 
 
