@@ -17,8 +17,11 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
+from sammed3d_jax import cli
+from sammed3d_jax.data import paths
 from sammed3d_jax.data.manifest import Record, load_records
 from sammed3d_jax.data.nifti import DataFileError, Geometry, nonfinite_message, read_geometry, read_image, read_label
 
@@ -48,10 +51,10 @@ def _validate_pair(image_path: str, label_path: str, targets: Sequence[Record]) 
     problems = []
     label = image_geom = label_geom = None
     for path, what in ((image_path, "image"), (label_path, "label")):
-        if not os.path.exists(path):
+        if not epath.Path(path).exists():
             other = label_path if what == "image" else image_path
-            problems.append(Problem(path, f"{what} file not found (missing pair of {os.path.basename(other)})"))
-    if os.path.exists(image_path):
+            problems.append(Problem(path, f"{what} file not found (missing pair of {epath.Path(other).name})"))
+    if epath.Path(image_path).exists():
         try:
             image, image_geom = read_image(image_path, allow_nonfinite=True)
             message = nonfinite_message(image)
@@ -61,7 +64,7 @@ def _validate_pair(image_path: str, label_path: str, targets: Sequence[Record]) 
         except DataFileError as err:
             problems.append(Problem(image_path, err.problem))
             image_geom = _header_geometry(image_path)
-    if os.path.exists(label_path):
+    if epath.Path(label_path).exists():
         try:
             label, label_geom = read_label(label_path)
         except DataFileError as err:
@@ -128,8 +131,10 @@ def format_table(problems: Sequence[Problem], root: str | None = None) -> str:
     """Problems as a two-column text table; files under ``root`` are shown relative to it."""
 
     def _short(path):
-        if root and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
-            return os.path.relpath(path, root)
+        if root:
+            shown = paths.relative(path, root)
+            if not shown.startswith("../"):
+                return shown
         return path
 
     rows = [(_short(p.file), p.problem) for p in problems]
@@ -139,6 +144,7 @@ def format_table(problems: Sequence[Problem], root: str | None = None) -> str:
     return "\n".join(lines)
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 clean, 1 problems found, 2 DATASET unusable)."""
     parser = argparse.ArgumentParser(
@@ -157,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     problems = [Problem(f, p) for f, p in found]
     problems = sorted(set(problems + validate_records(records, workers=args.workers, progress=not args.no_progress)))
-    root = args.dataset if os.path.isdir(args.dataset) else os.path.dirname(os.path.abspath(args.dataset))
+    dataset = epath.Path(args.dataset)
+    root = os.fspath(dataset if dataset.is_dir() else dataset.parent)
     n_cases = len({(r.image, r.label) for r in records})
     summary = f"{args.dataset}: {n_cases} cases, {len(records)} targets"
     if not problems:

@@ -139,8 +139,11 @@ def test_no_layout_and_bad_dataset_json(tmp_path):
     (tmp_path / "empty" / "stuff").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"empty: no dataset found"):
         discover(tmp_path / "empty")
-    with pytest.raises(ValueError, match="not a folder"):
+    with pytest.raises(ValueError, match="nope: does not exist"):
         discover(tmp_path / "nope")
+    (tmp_path / "file.nii.gz").write_bytes(b"x")
+    with pytest.raises(ValueError, match="file.nii.gz: not a folder"):
+        discover(tmp_path / "file.nii.gz")
     folder = _nnunet(tmp_path / "D", {"background": 0, "a": 1})
     (folder / "dataset.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"dataset.json: cannot read dataset.json"):

@@ -307,3 +307,31 @@ def test_zero_length_or_nan_affine_axis_is_a_bad_file(tmp_path, column, value):
     for read in (read_label, read_geometry):
         with pytest.raises(DataFileError, match="label.nii.gz: unusable geometry in the header"):
             read(path)
+
+
+def test_object_store_paths_read_through_memory_and_stay_checked(tmp_path, monkeypatch):
+    """The object-store route (bytes through etils.epath, decoded in memory) reads the same arrays and refuses the
+    same bad files; a local folder stands in for the bucket."""
+    from sammed3d_jax.data import nifti as nifti_module
+
+    rng = np.random.default_rng(3)
+    data = rng.random((7, 6, 5)).astype(np.float32)
+    label = (data > 0.5).astype(np.uint8)
+    for name in ("img.nii.gz", "img.nii"):
+        write_nifti(tmp_path / name, data, Geometry(SCRAMBLED, data.shape))
+    write_nifti(tmp_path / "lab.nii.gz", label, Geometry(SCRAMBLED, data.shape))
+    local = {name: read_image(tmp_path / name) for name in ("img.nii.gz", "img.nii")}
+    monkeypatch.setattr(nifti_module.paths, "is_url", lambda path: True)
+    for name, (expected, geom) in local.items():
+        got, got_geom = read_image(tmp_path / name)
+        np.testing.assert_array_equal(got, expected)
+        assert got_geom == geom
+    np.testing.assert_array_equal(read_label(tmp_path / "lab.nii.gz")[0], label)
+    bomb = _header_only(tmp_path / "bomb.nii.gz", (1100, 1100, 1100))
+    with pytest.raises(DataFileError, match="bomb.nii.gz: cannot read voxel data, file truncated or corrupt"):
+        read_image(bomb)
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti file" * 40)
+    with pytest.raises(DataFileError, match="junk.nii.gz: not a readable NIfTI file"):
+        read_label(tmp_path / "junk.nii.gz")
+    with pytest.raises(DataFileError, match="gone.nii.gz: file not found"):
+        read_image(tmp_path / "gone.nii.gz")
