@@ -188,6 +188,9 @@ def _nnunet_dataset(folder, split, scan_labels, workers, problems, keep=None):
         if isinstance(found, str):
             problems.append((label, found))
             continue
+        if scan_labels and not [v for v in found if v != 0 and v not in ignored]:
+            problems.append((label, f"empty label map: no target voxel (values present: {found})"))
+            continue
         for value in found:
             if value == 0 or value in ignored:
                 continue

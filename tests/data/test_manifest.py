@@ -193,3 +193,16 @@ def test_manifest_errors_name_the_file_and_record(tmp_path):
         read_manifest(path)
     rec = Record(**good)
     assert rec.label_value == 1
+
+
+def test_all_zero_label_map_is_reported_as_empty(tmp_path):
+    """An nnU-Net label map with no target voxel yields no target; discovery says so (check and prepare list it)."""
+    folder = _nnunet(tmp_path / "Dataset005_Z", {"background": 0, "a": 1, "ignore": 9},
+                     cases={"full": [1, 1], "blank": [0, 0], "ignored": [9, 0]})
+    records, problems = discover_with_problems(folder)
+    assert [r.case for r in records] == ["full"]
+    assert sorted(problems) == [
+        (str(folder / "labelsTr" / "blank.nii.gz"), "empty label map: no target voxel (values present: [0])"),
+        (str(folder / "labelsTr" / "ignored.nii.gz"), "empty label map: no target voxel (values present: [0, 9])"),
+    ]
+    assert discover_with_problems(folder, scan_labels=False)[1] == []  # not read, not judged
