@@ -54,6 +54,8 @@ def test_prepare_refuses_unusable_output_paths(dataset, tmp_path):
     other.mkdir()
     (other / "holiday.jpg").write_bytes(b"\xff\xd8")
     assert_refused(_prepare([dataset, other]), mentions=["OUT", "not a prepared store"], unchanged=snapshot([other]))
+    under_a_file = a_file / "store"
+    assert_refused(_prepare([dataset, under_a_file]), mentions=["OUT", "is not a folder"], absent=[under_a_file])
     missing = tmp_path / "nope"
     out = tmp_path / "out"
     assert_refused(_prepare([missing, out]), mentions=["nope", "does not exist"], absent=[out])

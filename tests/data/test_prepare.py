@@ -214,3 +214,13 @@ def test_indexed_targets_are_never_reported_as_skipped(source, tmp_path, capsys)
     assert index["skipped"] == [] and len(index["notes"]) == 3
     assert all("label value 3 is not declared" in n["note"] for n in index["notes"])
     assert sum(r["target"] == "label_3" for r in index["records"]) == 3
+
+
+def test_unwritable_output_is_refused_before_any_work(source, tmp_path, monkeypatch, capsys):
+    # Root may write anywhere, so the permission answer is stubbed: what is tested is that it is asked first.
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main([str(source), str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: OUT {tmp_path / 'out'}: folder {tmp_path} is not writable"
+    assert not (tmp_path / "out").exists()
