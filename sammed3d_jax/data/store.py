@@ -181,6 +181,11 @@ class WindowShardStore:
     def __setstate__(self, state):
         self.__init__(state["root"], state["meta"], state["records"])
 
+    def __del__(self):
+        for handle in getattr(self, "_files", {}).values():
+            if isinstance(handle, int):
+                os.close(handle)
+
     def check_crop_size(self, crop_size: int) -> None:
         """Raises ValueError unless ``crop_size`` windows are sub-windows of the stored ones."""
         if crop_size > self.window_size or (self.window_size - crop_size) % 2:
@@ -195,7 +200,8 @@ class WindowShardStore:
                 if self._remote:
                     import tensorstore as ts  # pylint: disable=import-outside-toplevel
 
-                    handle = ts.KvStore.open(os.fspath(self.root / "shards") + "/").result()
+                    url = os.fspath(self.root / "shards") + "/"
+                    handle = ts.KvStore.open(url if "://" in url else "file://" + url).result()
                 else:
                     handle = os.open(os.fspath(self.root / shard), os.O_RDONLY)
                 self._files[shard] = handle

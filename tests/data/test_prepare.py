@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from sammed3d_jax import cli
-from sammed3d_jax.data import cache, manifest, nifti, pipeline, prepare, synthetic, transforms
+from sammed3d_jax.data import cache, manifest, nifti, pipeline, prepare, sampler, synthetic, transforms
+from sammed3d_jax.data import store as store_lib
 
 SHAPE = (36, 32, 20)
 
@@ -167,6 +168,18 @@ def test_window_shards_in_parallel_runs_give_the_npy_store_batches(source, prepa
         {k: v for k, v in r.to_json().items() if k not in strip} for r in reference]
     expected = _batches(prepared[0])
     _assert_same_batches(expected, _batches(out))  # 32^3 crops out of the stored 36^3 windows
+    # The object-store route (one TensorStore byte-range read per record) reads the same windows as preadv.
+    local, remote = store_lib.open_store(out), store_lib.open_store(out)
+    remote._remote = True  # a file:// kvstore stands in for gs://
+    for record in records[:4]:
+        for size in (36, 32):
+            window = sampler.crop_window(record, size)
+            got = [np.zeros((size,) * 3, np.float32), np.zeros((size,) * 3, np.uint8)]
+            want = [np.ones((size,) * 3, np.float32), np.ones((size,) * 3, np.uint8)]
+            remote.read_window(record, window, *got)
+            local.read_window(record, window, *want)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
     with pytest.raises(ValueError, match="serves crop sizes <= 36 with an even difference, not 33"):
         _batches(out, crop=33)
     # A rerun of a finished shard does nothing; another setting is refused naming it.
