@@ -312,8 +312,10 @@ def build_train_iterator(
         on_bad_record: "skip" (default: log, count, redraw) or "raise".
 
     Returns:
-        An iterator of batch dicts: ``element`` int64 [n] (global element index), ``record`` / ``redraws`` /
-        ``bad_skipped`` int32 [n], ``image`` float32 [n,S,S,S,1], ``label`` uint8 [n,S,S,S]; n = ``len(rows)``.
+        An iterator of raw batch dicts (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw window, zero
+        padded), ``label`` uint8 [n,S,S,S], ``flip`` bool [n,3], ``ct_clip`` bool [n], ``element`` int64 [n] (global
+        element index), ``record`` / ``redraws`` / ``bad_skipped`` int32 [n]. Finish them on the devices with
+        ``augment.finish_batch(batch, normalization=...)`` (same ``normalization``) inside the jitted step.
     """
     batches, fingerprint = build_train_dataset(
         source, global_batch_size=global_batch_size, rows=rows, seed=seed, crop_size=crop_size,
