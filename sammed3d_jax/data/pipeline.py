@@ -225,7 +225,9 @@ class TrainIterator(grain.DatasetIterator):
         self._fingerprint = json.loads(json.dumps(fingerprint))
         self._worker_count = worker_count
         self._worker_buffer_size = worker_buffer_size
-        self._read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+        # Grain can use at most prefetch_buffer_size threads (and warns otherwise).
+        self._read_options = grain.ReadOptions(num_threads=read_threads,
+                                               prefetch_buffer_size=max(prefetch_batches, read_threads))
         self._next_batch = 0
         self._iterator = None
 
