@@ -121,3 +121,9 @@ def test_synthetic_refuses_an_existing_dataset(dataset):
     before = snapshot([dataset])
     proc = run_cli(["-m", "sammed3d_jax.data.synthetic", dataset, "--cases", "1", "--shape", *SHAPE])
     assert_refused(proc, mentions=["OUT", "already exists", "--overwrite"], unchanged=before)
+
+
+def test_mni152_refuses_an_existing_folder(dataset):
+    before = snapshot([dataset])
+    proc = run_cli(["-m", "sammed3d_jax.data.mni152", dataset])
+    assert_refused(proc, mentions=["OUT", "already exists"], unchanged=before)
