@@ -11,7 +11,10 @@ run on the accelerator (``augment.finish_batch``, timed here on this CPU for inf
 CPU time is this process's user + system time (every thread) per crop delivered. ``cold`` counts from a fresh
 iterator, so it includes the first draw of every record (read twice: once to check it, once for the batch);
 ``warm`` is the steady state once every record has been seen (every later epoch). The host-side pipeline the
-project had before (every step on the host, ``tests/data/host_reference.py``) is timed in the same run.
+project had before (every step on the host, ``tests/data/host_reference.py``) is timed in the same run, and so is
+a bare copy of a crop's bytes between large buffers, the ceiling memory bandwidth sets at that moment (on a
+shared machine it moves with the other jobs, so compare figures from one run). The last line,
+``crops per CPU-second: N``, gives the faster store's steady state.
 """
 
 import argparse
@@ -59,6 +62,22 @@ def measure_new(prepared: pathlib.Path, *, crop: int, batch: int, batches: int, 
             it.close()
         out[kind] = {"cold": cold, "warm": warm}
     return out
+
+
+def measure_bare_copy(crop: int, repeats: int = 20) -> float:
+    """Crops per CPU-second of a bare copy of a crop's bytes (image + label) between two large buffers: the ceiling
+    that memory bandwidth sets on this machine right now, to read the host pipeline's figure against."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    n = 5 * crop**3
+    source = np.ones(8 * n, np.uint8)  # larger than the caches, like the page cache a window comes from
+    target = np.empty_like(source)
+    target[:] = 0
+    cpu0 = _cpu_seconds()
+    for i in range(repeats):
+        k = i % 8
+        target[k * n:(k + 1) * n] = source[k * n:(k + 1) * n]
+    return repeats / (_cpu_seconds() - cpu0)
 
 
 def measure_formats(work: pathlib.Path, crop: int, repeats: int = 3) -> dict[str, float]:
@@ -122,7 +141,9 @@ def measure_old(prepared: pathlib.Path, *, crop: int, batch: int, batches: int) 
     from host_reference import host_batches  # pylint: disable=import-outside-toplevel
 
     ds = host_batches(str(prepared), global_batch_size=batch, seed=0, crop_size=crop)
-    return _time(iter(ds), batches, batch)
+    # By index, in this thread: iter(ds) would start Grain's default 16 threads reading 500 elements ahead, whose
+    # CPU would be charged to the crops consumed (and keep running after the measurement).
+    return _time((ds[j] for j in range(batches)), batches, batch)
 
 
 def measure_device_finish(crop: int, batch: int, repeats: int = 5) -> float:
@@ -173,21 +194,27 @@ def main() -> None:
     print(f"prepared volume shapes: {shapes}")
     print(f"crop {args.crop}^3, batch {args.batch}, {args.batches} timed batches per phase, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
+    bare = measure_bare_copy(args.crop)
     results = measure_new(prepared, crop=args.crop, batch=args.batch, batches=args.batches, stores=args.stores)
     for kind, r in results.items():
         print(f"host input ({kind} store): cold {r['cold'][0]:.0f} crops/CPU-s ({r['cold'][1]:.0f}/s wall), "
               f"warm {r['warm'][0]:.0f} crops/CPU-s ({r['warm'][1]:.0f}/s wall)")
     for kind, ms in measure_formats(work, args.crop).items():
         print(f"read one {args.crop}^3 window, {kind}: {ms:.1f} CPU-ms")
+    old = None
     if not args.no_old:
         old = measure_old(prepared, crop=args.crop, batch=args.batch, batches=args.batches)
         print(f"before (every step on the host): {old[0]:.0f} crops/CPU-s ({old[1]:.0f}/s wall)")
     if not args.no_device:
         print(f"finish_batch on this CPU (for information; it runs on the accelerator): "
               f"{measure_device_finish(args.crop, args.batch):.1f} ms per crop")
-    first = results[args.stores[0]]
-    print(f"crops per CPU-second: {first['warm'][0]:.0f}  (cold, first epoch: {first['cold'][0]:.0f})")
-
+    print(f"bare copy of a crop's {5 * args.crop**3 / 2**20:.0f} MiB between large buffers: {bare:.0f} crops/CPU-s "
+          "(the memory-bandwidth ceiling right now)")
+    best = max(results, key=lambda kind: results[kind]["warm"][0])
+    others = "; ".join(f"{kind} store {r['warm'][0]:.0f}" for kind, r in results.items() if kind != best)
+    print(f"crops per CPU-second: {results[best]['warm'][0]:.0f}  ({best} store, steady state; first epoch "
+          f"{results[best]['cold'][0]:.0f}{'; ' + others if others else ''}; before {old[0]:.0f})"
+          if not args.no_old else f"crops per CPU-second: {results[best]['warm'][0]:.0f}  ({best} store)")
 
 if __name__ == "__main__":
     main()
