@@ -4,44 +4,42 @@ Owns ``build_train_iterator`` (this process's share of the global training strea
 ``holdout_batches`` (fixed validation batches), the case-level holdout split and ``CropSampler`` (the per-record
 random transform). numpy + grain; must not import jax, flax, training/ or the model.
 
-Topology-free by construction. The global stream is element 0, 1, 2, ...: ``MapDataset.range(records).seed(seed)
-.shuffle().repeat().random_map(CropSampler)``, so element ``e`` depends only on ``(seed, e)``. Global batch ``j``
+Topology-free by construction. The global stream is element 0, 1, 2, ...: ``EpochShuffle(records, seed)
+.random_map(CropSampler, seed=seed)`` (shuffled epochs, one generator per element), so element ``e`` depends
+only on ``(seed, e)``. Global batch ``j``
 is elements ``j*B .. j*B+B-1``; a process passes the global ``rows`` it feeds, and ``GlobalRows`` maps its local
 index to element ``j*B + rows[k]`` without touching other processes' elements. The concatenation of every
 process's batch ``j`` is the same global batch for any process count, device count or ``worker_count``, and the
 iterator state (the global batch index plus a settings fingerprint) restores under any of them. Batching is by
 index, before ``to_iter_dataset``, so ``mp_prefetch`` workers (which take every N-th item) cannot regroup samples.
 
-Per training sample (upstream's training pipeline, its quirks optional where noted):
+Per training sample (upstream's training pipeline, its quirks optional where noted), split between host and
+accelerator:
 
-1. Crop-or-pad to ``crop_size`` centred on the target's bounding box (torchio's rule; the box comes from the
-   index, equal to ``transforms.crop_or_pad_box``), zero padding for image and label.
-2. If the crop holds ``<= min_crop_foreground`` (1000) target voxels, upstream returns a different random sample;
-   here the other record is drawn from this element's own ``np.random.Generator`` (grain ``random_map``), so
-   the result is deterministic. Records whose whole target has ``<= min_crop_foreground`` voxels can never pass
-   and are dropped up front (same distribution, fewer draws).
-3. CT clip to [-1000, 1000] (``ct_clip="modality"``: records whose modality is CT, as upstream's ``/ct_`` path
-   rule in training; ``"always"``, ``"never"``).
-4. Z-normalisation over ``x > 0`` with unbiased std, statistics on the crop. ``normalization="per_volume"``
-   (default: a sample does not depend on its batch neighbours, and it matches inference) or ``"batch_pooled"``
-   (upstream training: one mean/std over the whole batch) or ``"none"``.
-5. Random flip of each axis with p = 0.5, image and label together.
+1. Host (``sampler.CropSampler``): crop-or-pad window of ``crop_size`` centred on the target's bounding box
+   (torchio's rule; the box comes from the index). If the crop holds ``<= min_crop_foreground`` (1000) target
+   voxels, upstream returns a different random sample; here the other record is drawn from this element's own
+   ``np.random.Generator`` (grain ``random_map``), so the result is deterministic. Records whose whole target has
+   ``<= min_crop_foreground`` voxels can never pass and are dropped up front. Then the flips: each axis of
+   ``flip_axes`` with p = 0.5.
+2. Host (``sampler.WindowReader``): the raw window of every row is copied into one batch buffer, zero padding.
+3. Accelerator (``augment.finish_batch``, first thing in the jitted step): CT clip to [-1000, 1000] where
+   ``ct_clip`` (``"modality"``: CT records, as upstream's ``/ct_`` path rule; ``"always"``, ``"never"``),
+   z-normalisation over ``x > 0`` with unbiased std on the crop (``"per_volume"``, the default, or
+   ``"batch_pooled"`` over the global batch, as upstream training does, or ``"none"``), then the flips.
 
-A record that cannot be read (missing/truncated ``.npy``, wrong shape, NaN/inf in the crop, zero-variance crop)
-is skipped (``on_bad_record="skip"``: logged, replaced by a redraw, counted in the element's ``bad_skipped``) or
-raises (``"raise"``). Batches: ``image`` float32 [b,S,S,S,1], ``label`` uint8 [b,S,S,S] in {0,1}, ``record``
-int32 [b] (index into the prepared index), ``redraws`` / ``bad_skipped`` int32 [b] (how many draws this sample
-replaced, for logging).
-
-``"batch_pooled"`` statistics are taken over this process's rows only, so with several processes they are not
-the global batch's; ``"per_volume"`` (the default) is exact for any layout.
+A record that cannot be read (missing/truncated array, wrong shape, NaN/inf in the crop, a crop that cannot be
+z-normalised) is skipped (``on_bad_record="skip"``: logged once, replaced by a redraw, counted in the element's
+``bad_skipped``) or raises (``"raise"``). Batches (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw
+window), ``label`` uint8 [n,S,S,S] in {0,1}, ``flip`` bool [n,3], ``ct_clip`` bool [n], ``element`` int64 [n]
+(global element index, to derive per-sample keys), ``record`` int32 [n] (index into the prepared index),
+``redraws`` / ``bad_skipped`` int32 [n] (draws this sample replaced, for logging).
 
 Validation: ``holdout_fraction`` keeps a deterministic share of cases (by a hash of the dataset and case names,
 never by path or position) out of the training stream; ``subset="holdout"`` streams them instead, and
 ``holdout_batches`` gives each eligible holdout target once, centred, unflipped, as fixed batches.
 """
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -52,9 +50,10 @@ from typing import Any
 
 import grain
 import numpy as np
-from jaxtyping import Float, UInt8
 
 from sammed3d_jax.data import cache, transforms
+from sammed3d_jax.data import store as store_lib
+from sammed3d_jax.data.sampler import OK, CropSampler, EpochShuffle, WindowReader, clips
 
 log = logging.getLogger(__name__)
 
@@ -62,124 +61,6 @@ NORMALIZATIONS = ("per_volume", "batch_pooled", "none")
 CT_CLIP_MODES = ("modality", "always", "never")
 BAD_RECORD_MODES = ("skip", "raise")
 SUBSETS = ("train", "holdout")
-
-
-@dataclasses.dataclass(frozen=True)
-class CropSampler(grain.transforms.RandomMap):
-    """Turns a record index into one training sample (see the module docstring for the steps).
-
-    Attributes:
-        prepared_dir: the prepared store.
-        records: the eligible records (index order of the draws).
-        record_ids: position of each eligible record in the prepared index (reported as ``record``).
-        crop_size: S, the cubic crop edge.
-        normalization, ct_clip, on_bad_record: options as in ``build_train_dataset``.
-        min_crop_foreground: a crop must hold more target voxels than this.
-        flip_axes: spatial axes flipped with probability 0.5 each.
-        max_draws: give up (RuntimeError) after this many unusable draws for one element.
-    """
-
-    prepared_dir: str
-    records: tuple[cache.PreparedRecord, ...]
-    record_ids: tuple[int, ...]
-    crop_size: int
-    normalization: str = "per_volume"
-    ct_clip: str = "modality"
-    on_bad_record: str = "skip"
-    min_crop_foreground: int = transforms.MIN_CROP_FOREGROUND
-    flip_axes: tuple[int, ...] = (0, 1, 2)
-    max_draws: int = 100
-
-    def crop(self, record: cache.PreparedRecord) -> tuple[Float[np.ndarray, "s s s"], UInt8[np.ndarray, "s s s"]]:
-        """Crop-or-pad of one record's image and label around its target box (raises ValueError if unusable)."""
-        image = cache.open_array(self.prepared_dir, record.image)
-        label = cache.open_array(self.prepared_dir, record.label)
-        for name, array, dtype in (("image", image, np.float32), ("label", label, np.uint8)):
-            if array.shape != record.shape or array.dtype != dtype:
-                raise ValueError(
-                    f"{record.id}: {name} array is {array.dtype}{list(array.shape)}, index says {np.dtype(dtype)}{list(record.shape)}"
-                )
-        window = crop_window(record, self.crop_size)
-        image_crop = transforms.apply_crop_or_pad(image, window)
-        if not np.isfinite(image_crop).all():
-            raise ValueError(f"{record.id}: non-finite voxels in the image crop")
-        return image_crop, transforms.apply_crop_or_pad(label, window)
-
-    def _intensity(self, record: cache.PreparedRecord, image: np.ndarray) -> np.ndarray:
-        if self.ct_clip == "always" or (self.ct_clip == "modality" and record.modality.upper() == "CT"):
-            image = transforms.clip_intensity(image)
-        if self.normalization == "per_volume":
-            image = transforms.z_normalize(image, name=record.id)
-        return image
-
-    def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        index = int(element)
-        redraws = bad = 0
-        for _ in range(self.max_draws):
-            record = self.records[index]
-            try:
-                image, label = self.crop(record)
-                usable = transforms.has_enough_foreground(label, self.min_crop_foreground)
-                if usable:
-                    image = self._intensity(record, image)
-            except (ValueError, OSError) as err:
-                if self.on_bad_record == "raise":
-                    raise RuntimeError(f"bad prepared record {record.id} in {self.prepared_dir}: {err}") from err
-                log.warning("skipping bad prepared record %s: %s", record.id, err)
-                bad += 1
-                index = int(rng.integers(len(self.records)))
-                continue
-            if usable:
-                break
-            redraws += 1
-            index = int(rng.integers(len(self.records)))
-        else:
-            raise RuntimeError(
-                f"no usable sample after {self.max_draws} draws from {self.prepared_dir} "
-                f"({redraws} crops with <= {self.min_crop_foreground} target voxels, {bad} bad records)"
-            )
-        image, label = transforms.random_flip(rng, image, label, axes=self.flip_axes)
-        return {
-            "image": image[..., None],
-            "label": label,
-            "record": np.array(self.record_ids[index], np.int32),
-            "redraws": np.array(redraws, np.int32),
-            "bad_skipped": np.array(bad, np.int32),
-        }
-
-
-    def fixed_sample(self, index: int, valid: bool = True) -> dict[str, np.ndarray]:
-        """Record ``index``'s centred crop without flips or redraws (validation); unusable -> ``valid`` False."""
-        record = self.records[index]
-        bad = 0
-        try:
-            image, label = self.crop(record)
-            valid = valid and bool(label.any())
-            if valid:
-                image = self._intensity(record, image)
-        except (ValueError, OSError) as err:
-            log.warning("holdout record %s is unusable: %s", record.id, err)
-            shape = (self.crop_size,) * 3
-            image, label, valid, bad = np.zeros(shape, np.float32), np.zeros(shape, np.uint8), False, 1
-        return {"image": image[..., None], "label": label, "record": np.array(self.record_ids[index], np.int32),
-                "redraws": np.array(0, np.int32), "bad_skipped": np.array(bad, np.int32),
-                "element": np.array(index, np.int64), "valid": np.array(valid)}
-
-
-def crop_window(record: cache.PreparedRecord, crop_size: int) -> transforms.CropPad:
-    """``transforms.crop_or_pad_box(label, (S,)*3)`` computed from the stored bounding box (no label scan).
-
-    torchio's centre rule reduces to ``start = floor((bb_min + bb_max) / 2 - S / 2)`` per axis (see
-    ``transforms.crop_or_pad_box``); a test pins the equality.
-    """
-    start = tuple(math.floor((lo + hi) / 2 - crop_size / 2) for lo, hi in record.bbox)
-    return transforms.CropPad(tuple(record.shape), start, (crop_size,) * 3)
-
-
-def _pool_normalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    # Upstream training: one mean/std over the x > 0 voxels of the whole batch.
-    images = transforms.z_normalize(batch["image"][..., 0], batch_pooled=True, name="batch")
-    return {**batch, "image": images[..., None]}
 
 
 def case_fraction(record: cache.PreparedRecord) -> float:
@@ -240,8 +121,15 @@ class GlobalRows(grain.MapDataset):
         return f"GlobalRows(global_batch_size={self._batch}, rows={list(self._rows)})"
 
 
-def _eligible(prepared_dir, min_crop_foreground, holdout_fraction, subset):
-    _, all_records = cache.read_index(prepared_dir)
+def _open(source, crop_size: int):
+    store = store_lib.open_store(source)
+    if hasattr(store, "check_crop_size"):
+        store.check_crop_size(int(crop_size))
+    return store
+
+
+def _eligible(store, min_crop_foreground, holdout_fraction, subset):
+    all_records = store.records
     chosen = select_subset(all_records, holdout_fraction, subset)
     eligible = [(i, r) for i, r in chosen if r.foreground_voxels > min_crop_foreground]
     dropped = len(chosen) - len(eligible)
@@ -250,7 +138,7 @@ def _eligible(prepared_dir, min_crop_foreground, holdout_fraction, subset):
                  subset, min_crop_foreground)
     if not eligible:
         raise ValueError(
-            f"{prepared_dir}: none of the {len(chosen)} prepared {subset} targets (of {len(all_records)}) has more "
+            f"{store.root}: none of the {len(chosen)} prepared {subset} targets (of {len(all_records)}) has more "
             f"than {min_crop_foreground} voxels (lower min_crop_foreground for tiny data, or change holdout_fraction)"
         )
     return eligible
@@ -298,19 +186,19 @@ def build_train_dataset(
     rows = _check_rows(global_batch_size, rows)
     flip_axes = tuple(int(a) for a in flip_axes)
     _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes)
-    eligible = _eligible(prepared_dir, min_crop_foreground, holdout_fraction, subset)
+    store = _open(prepared_dir, crop_size)
+    eligible = _eligible(store, min_crop_foreground, holdout_fraction, subset)
+    records = tuple(r for _, r in eligible)
     sampler = CropSampler(
-        prepared_dir=str(prepared_dir), records=tuple(r for _, r in eligible),
-        record_ids=tuple(i for i, _ in eligible), crop_size=int(crop_size), normalization=normalization,
-        ct_clip=ct_clip, on_bad_record=on_bad_record, min_crop_foreground=int(min_crop_foreground),
-        flip_axes=flip_axes,
+        store=store, records=records, record_ids=tuple(i for i, _ in eligible), crop_size=int(crop_size),
+        normalization=normalization, ct_clip=ct_clip, on_bad_record=on_bad_record,
+        min_crop_foreground=int(min_crop_foreground), flip_axes=flip_axes,
     )
     # random_map before the row selection: element e's sample is the same on every process layout, and two
     # processes never share an element's random stream.
-    elements = grain.MapDataset.range(len(eligible)).seed(int(seed)).shuffle().repeat(None).random_map(sampler)
+    elements = EpochShuffle(len(records), int(seed)).random_map(sampler, seed=int(seed))
     ds = GlobalRows(elements, global_batch_size, rows).batch(len(rows), drop_remainder=True)
-    if normalization == "batch_pooled":
-        ds = ds.map(_pool_normalize)
+    ds = ds.map(WindowReader(store=store, records=records, crop_size=int(crop_size)))
     ids = hashlib.sha1("\n".join(r.id for r in sampler.records).encode()).hexdigest()[:16]
     fingerprint = dict(records=len(sampler.records), record_ids_sha1=ids, seed=int(seed),
                        global_batch_size=int(global_batch_size), crop_size=int(crop_size),
@@ -338,7 +226,9 @@ class TrainIterator(grain.DatasetIterator):
         self._fingerprint = json.loads(json.dumps(fingerprint))
         self._worker_count = worker_count
         self._worker_buffer_size = worker_buffer_size
-        self._read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+        # Grain can use at most prefetch_buffer_size threads (and warns otherwise).
+        self._read_options = grain.ReadOptions(num_threads=read_threads,
+                                               prefetch_buffer_size=max(prefetch_batches, read_threads))
         self._next_batch = 0
         self._iterator = None
 
@@ -425,8 +315,10 @@ def build_train_iterator(
         on_bad_record: "skip" (default: log, count, redraw) or "raise".
 
     Returns:
-        An iterator of batch dicts: ``element`` int64 [n] (global element index), ``record`` / ``redraws`` /
-        ``bad_skipped`` int32 [n], ``image`` float32 [n,S,S,S,1], ``label`` uint8 [n,S,S,S]; n = ``len(rows)``.
+        An iterator of raw batch dicts (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw window, zero
+        padded), ``label`` uint8 [n,S,S,S], ``flip`` bool [n,3], ``ct_clip`` bool [n], ``element`` int64 [n] (global
+        element index), ``record`` / ``redraws`` / ``bad_skipped`` int32 [n]. Finish them on the devices with
+        ``augment.finish_batch(batch, normalization=...)`` (same ``normalization``) inside the jitted step.
     """
     batches, fingerprint = build_train_dataset(
         source, global_batch_size=global_batch_size, rows=rows, seed=seed, crop_size=crop_size,
@@ -451,14 +343,15 @@ def holdout_batches(
     """Validation batches: every eligible holdout target once, centred crop, no flips, no redraws.
 
     Holdout element ``e`` is the e-th eligible holdout record in index order; global batch ``j`` holds elements
-    ``j*B .. j*B+B-1`` and this process gets rows ``rows`` of each (as in training). The last batch is padded
-    with copies of element 0 marked ``valid = False``; a record that cannot be read (or whose crop holds no
-    target voxel, or cannot be normalised) is also ``valid = False`` (image zeros), so every process agrees on
-    the layout without reading the others' records.
+    ``j*B .. j*B+B-1`` and this process gets rows ``rows`` of each (as in training). Rows past the last target,
+    and targets whose crop fails the training checks (unreadable, non-finite, too little target in the crop, not
+    normalisable), are all-zero rows with ``valid`` False and ``record`` -1, so every process agrees on the
+    layout without reading the others' records and zero rows never enter pooled statistics. The batches are raw
+    like training's: finish them with ``augment.finish_batch``.
 
     Args:
         source, global_batch_size, rows, crop_size, normalization, ct_clip, min_crop_foreground: as in
-            ``build_train_iterator``.
+            ``build_train_iterator`` (``normalization`` only decides which crops count as usable).
         holdout_fraction: must be > 0 (and equal to the training run's, so that these cases were never trained on).
         max_batches: at most this many global batches (None: all).
 
@@ -469,22 +362,26 @@ def holdout_batches(
     _check_options(normalization, ct_clip, "skip", crop_size, ())
     if not holdout_fraction > 0:
         raise ValueError(f"holdout_batches needs holdout_fraction > 0, got {holdout_fraction}")
-    eligible = _eligible(source, min_crop_foreground, holdout_fraction, "holdout")
-    sampler = CropSampler(prepared_dir=str(source), records=tuple(r for _, r in eligible),
-                          record_ids=tuple(i for i, _ in eligible), crop_size=int(crop_size),
-                          normalization=normalization, ct_clip=ct_clip, on_bad_record="raise", flip_axes=())
-    n_batches = math.ceil(len(eligible) / global_batch_size)
+    store = _open(source, crop_size)
+    eligible = _eligible(store, min_crop_foreground, holdout_fraction, "holdout")
+    records = tuple(r for _, r in eligible)
+    sampler = CropSampler(store=store, records=records, record_ids=tuple(i for i, _ in eligible),
+                          crop_size=int(crop_size), normalization=normalization, ct_clip=ct_clip, flip_axes=(),
+                          min_crop_foreground=int(min_crop_foreground))
+    reader = WindowReader(store=store, records=records, crop_size=int(crop_size))
+    n_batches = math.ceil(len(records) / global_batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, int(max_batches))
     out = []
     for j in range(n_batches):
-        samples = []
-        for r in rows:
-            element = j * global_batch_size + r
-            valid = element < len(eligible)
-            samples.append(sampler.fixed_sample(element if valid else 0, valid))
-        batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-        if normalization == "batch_pooled":
-            batch = _pool_normalize(batch)
-        out.append(batch)
+        elements = [j * global_batch_size + r for r in rows]
+        valid = [e < len(records) and sampler.status(e) == OK for e in elements]
+        slots = [e if v else -1 for e, v in zip(elements, valid)]
+        n = len(rows)
+        out.append(reader.map({
+            "slot": np.array(slots, np.int64), "element": np.array(elements, np.int64),
+            "record": np.array([sampler.record_ids[e] if v else -1 for e, v in zip(elements, valid)], np.int32),
+            "redraws": np.zeros(n, np.int32), "bad_skipped": np.zeros(n, np.int32), "flip": np.zeros((n, 3), bool),
+            "ct_clip": np.array([v and clips(records[e], ct_clip) for e, v in zip(elements, valid)]),
+            "valid": np.array(valid)}))
     return out

@@ -1,7 +1,7 @@
 """Upstream SAM-Med3D preprocessing as pure numpy functions (its training and inference pipelines, torchio's rules).
 
 Owns: resampling to a target spacing (torchio ``Resample`` grid rule, SimpleITK interpolation semantics),
-crop-or-pad around a target's bounding box (torchio ``CropOrPad(mask_name=...)``) and its inverse,
+crop-or-pad around a target's bounding box (torchio ``CropOrPad(mask_name=...)``),
 z-normalisation over ``x > 0`` (torchio ``ZNormalization``), CT clipping, random flips, and the
 "crop holds more than 1000 target voxels" rule. Spatial ops take arrays ``[h, w, d, ...]`` in the array
 order of ``data/nifti.py`` (any trailing channel axes ride along) and have an inverse.
@@ -293,18 +293,6 @@ def apply_crop_or_pad(
     out = np.full(crop_pad.target_shape + array.shape[3:], fill, dtype=array.dtype)
     src, dst = crop_pad.overlap()
     out[dst] = array[src]
-    return out
-
-
-def invert_crop_or_pad(
-    array: Shaped[np.ndarray, "t0 t1 t2 *c"], crop_pad: CropPad, fill=0
-) -> Shaped[np.ndarray, "h w d *c"]:
-    """Pastes an ROI back into a ``[*source_shape, ...]`` array of ``fill`` (the inverse of ``apply_crop_or_pad``)."""
-    if tuple(array.shape[:3]) != crop_pad.target_shape:
-        raise ValueError(f"array shape {array.shape} does not match the CropPad target shape {crop_pad.target_shape}")
-    out = np.full(crop_pad.source_shape + array.shape[3:], fill, dtype=array.dtype)
-    src, dst = crop_pad.overlap()
-    out[src] = array[dst]
     return out
 
 

@@ -125,7 +125,7 @@ def test_eval_of_an_upstream_file_names_the_working_flag_and_reports_skipped_lab
     proc = _eval("--checkpoint", PTH, f"--config.model_config={CONFIG}", "--data", root, "--out", out, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "error: no target was scored (0 failed, 2 skipped" in proc.stderr
-    assert "SKIPPED" in proc.stdout and "background (0) only" in proc.stdout
+    assert "SKIPPED" in proc.stdout and "empty label map: no target voxel" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["skipped"] == 2 and summary["checkpoint"]["kind"] == "file"
     assert snapshot([root, PTH]) == before

@@ -168,3 +168,25 @@ def test_ritm_clicks_centre_of_largest_error(larger):
     offsets = np.abs(np.asarray(points) - 10)
     assert np.all(offsets <= 2)
     assert np.all(_padded_edt(big[0])[tuple(np.asarray(points, int).T)] > 3)
+
+
+_ritm_many = jax.jit(jax.vmap(clicks.sample_click_ritm, in_axes=(0, None, None)))
+
+
+def test_ritm_ties_go_to_the_false_positives_and_the_threshold_is_strict():
+    """Equal largest distances pick the false positives (upstream's strict '>'); dt == max/2 is not interior."""
+    gt = np.zeros((1, 14, 14, 14), bool)
+    pred = np.zeros_like(gt)
+    gt[0, 1:4, 1:4, 1:4] = True  # false negatives: a 3^3 block, max dt 2 at its centre (2, 2, 2)
+    pred[0, 8:11, 8:11, 8:11] = True  # false positives: the same block elsewhere, centre (9, 9, 9)
+    keys = jax.random.split(jax.random.key(0), 64)
+    points, labels = map(np.asarray, _ritm_many(keys, jnp.asarray(gt), jnp.asarray(pred)))
+    # Every voxel but the centre has dt == 1 == max/2 exactly, so the strict threshold leaves only the centre.
+    assert np.all(labels == NEGATIVE)
+    np.testing.assert_array_equal(points[:, 0], np.tile([9.0, 9.0, 9.0], (64, 1)))
+    # A larger false-negative error (a 5^3 block, max dt 3 > 2) takes the click back.
+    gt[0, 1:6, 1:6, 1:6] = True
+    points, labels = map(np.asarray, _ritm_many(keys, jnp.asarray(gt), jnp.asarray(pred)))
+    assert np.all(labels == POSITIVE)
+    # dt > 3/2 inside the 5^3 block: the 3^3 core around (3, 3, 3) (core voxels have dt >= 2).
+    assert np.all(np.abs(points[:, 0] - 3) <= 1) and len({tuple(p) for p in points[:, 0]}) > 4

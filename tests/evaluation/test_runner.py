@@ -190,7 +190,7 @@ def test_label_side_problems_are_listed_with_reasons(tmp_path, capsys):
     assert set(reasons) == {"truncated.nii.gz", "fractional.nii.gz", "background.nii.gz"}
     assert "not a readable NIfTI" in reasons["truncated.nii.gz"] or "truncated" in reasons["truncated.nii.gz"]
     assert "whole numbers" in reasons["fractional.nii.gz"] or "integer" in reasons["fractional.nii.gz"]
-    assert reasons["background.nii.gz"] == "no target: the label map holds background (0) only"
+    assert reasons["background.nii.gz"] == "empty label map: no target voxel (values present: [0])"
     table = runner.report.format_table(on_disk)
     assert "1 targets scored, 0 failed, 3 skipped" in table
     assert all(f"SKIPPED {s['file']}: {s['problem']}" in table for s in on_disk["skipped"])
