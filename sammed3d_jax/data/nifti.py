@@ -27,7 +27,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 from etils import epath
-from jaxtyping import Float, Integer, Shaped
+from jaxtyping import Float, Integer, Real, Shaped
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from nibabel.spatialimages import HeaderDataError
@@ -247,20 +247,28 @@ def read_geometry(path: PathLike) -> Geometry:
     return _geometry(img, path, _spatial_shape(img, path))
 
 
-def read_image(path: PathLike, *, allow_nonfinite: bool = False) -> tuple[Float[np.ndarray, "h w d"], Geometry]:
+def read_image(path: PathLike, *, allow_nonfinite: bool = False,
+               keep_integer: bool = False) -> tuple[Real[np.ndarray, "h w d"], Geometry]:
     """Reads an intensity volume as float32 in nibabel voxel order.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file holding a 3-D volume (a trailing singleton 4th dimension is squeezed).
         allow_nonfinite: if False (default), NaN or inf voxels raise; if True they are returned as stored.
+        keep_integer: return an integer-typed file (integer storage, no scaling) in its stored dtype, as
+            SimpleITK and torchio hand it over, so a caller can reproduce their integer pixel type.
 
     Returns:
-        ``(image, geometry)``; the image is float32 with scaling (scl_slope/scl_inter) applied.
+        ``(image, geometry)``; the image is float32 with scaling (scl_slope/scl_inter) applied, or the stored
+        integer array with ``keep_integer``.
 
     Raises:
         DataFileError: missing, unreadable or truncated file; not 3-D; NaN/inf voxels (unless allowed).
     """
     img = _load(path)
+    stored = img.get_data_dtype()
+    if keep_integer and np.issubdtype(stored, np.integer) and img.dataobj.slope == 1 and img.dataobj.inter == 0:
+        data = _read_voxels(img, path, None)
+        return data, _geometry(img, path, data.shape)
     data = _read_voxels(img, path, np.float32)
     if not allow_nonfinite:
         message = nonfinite_message(data)

@@ -78,15 +78,17 @@ def _axis_taps(coords, n, order):
     frac = np.where((frac <= 0) | (base + 1 > n - 1), 0.0, frac)
     i0 = base.astype(np.intp)
     i1 = np.minimum(i0 + 1, n - 1)
-    return i0, i1, frac.astype(np.float32), inside
+    return i0, i1, frac, inside
 
 
 def _resample_separable(array, axis_maps, out_shape, order, fill):
     # axis_maps[a] = (b, scale, offset): source axis a is sampled at scale * q + offset for q along target
     # axis b. One 1-D pass per axis (trilinear = product of linear weights; ITK's inside test is per axis
-    # too), shrinking axes first so later passes touch fewer voxels.
-    out = array.astype(np.float32, copy=False) if order == 1 else array
-    passes = sorted(range(3), key=lambda a: out_shape[axis_maps[a][0]] / array.shape[a])
+    # too), shrinking axes first so later passes touch fewer voxels. A float64 image is interpolated in float64
+    # with the passes in axis order 0, 1, 2: ITK's own order and arithmetic for linear interpolation in double.
+    exact = order == 1 and array.dtype == np.float64
+    out = array.astype(np.float32, copy=False) if order == 1 and not exact else array
+    passes = [0, 1, 2] if exact else sorted(range(3), key=lambda a: out_shape[axis_maps[a][0]] / array.shape[a])
     for a in passes:
         b, scale, offset = axis_maps[a]
         n, m = out.shape[a], out_shape[b]
@@ -100,7 +102,7 @@ def _resample_separable(array, axis_maps, out_shape, order, fill):
             # lo + frac * (hi - lo), in place: ITK's own form of the linear step, and the fewest passes.
             lo, hi = np.take(out, i0, axis=a), np.take(out, i1, axis=a)
             hi -= lo
-            hi *= frac.reshape((m,) + (1,) * (out.ndim - a - 1))
+            hi *= frac.astype(out.dtype).reshape((m,) + (1,) * (out.ndim - a - 1))
             lo += hi
             out = lo
         if not inside.all():
@@ -116,8 +118,9 @@ def _resample_general(array, index_map, out_shape, order, fill):
     # within the half-voxel border; points outside get `fill`. Done in slabs to bound the coordinate memory.
     n = np.asarray(array.shape[:3])
     chans = array.reshape(array.shape[:3] + (-1,))
-    sources = [chans[..., c].astype(np.float32) if order == 1 else chans[..., c] for c in range(chans.shape[-1])]
-    out = np.empty(tuple(out_shape) + (len(sources),), np.float32 if order == 1 else array.dtype)
+    real = np.float64 if array.dtype == np.float64 else np.float32
+    sources = [chans[..., c].astype(real) if order == 1 else chans[..., c] for c in range(chans.shape[-1])]
+    out = np.empty(tuple(out_shape) + (len(sources),), real if order == 1 else array.dtype)
     slab = max(1, 2_000_000 // max(1, out_shape[1] * out_shape[2]))
     for start in range(0, out_shape[0], slab):
         rows = np.arange(start, min(start + slab, out_shape[0]))
@@ -152,7 +155,8 @@ def resample_to_geometry(
         geom: geometry of ``array``.
         target_geom: the output grid (any affine; permuted/flipped/scaled/shifted grids take a fast separable
             path, oblique ones scipy's ``map_coordinates``).
-        order: 1 = (tri)linear, float32 output (images); 0 = nearest, dtype kept (labels).
+        order: 1 = (tri)linear, float32 output (images; float64 in and out for a float64 image); 0 = nearest,
+            dtype kept (labels).
         fill: value of output voxels whose centre falls more than half a voxel outside the source grid
             (ITK's default pixel value, 0).
 

@@ -17,10 +17,11 @@ The chain, per (case, target):
 4. ``paste_back``: nearest resampling of the ROI mask onto the original image grid (affine and shape), zero outside
    the ROI (upstream's ``data_postprocess``).
 
-Simulated users (``simulate_clicks``): click t is drawn from the ground truth and the prediction after click t-1
-(first click: a uniform target voxel), by ``data/clicks.py``'s "random" rule (upstream inference default), the
-distance-transform "ritm" rule (alias "dt"), or "ritm_random" (ritm for clicks 1-2, random after: upstream's old
-``val_old.py`` protocol). Keys are folded per click, so a result depends only on (seed, case, target).
+Simulated users (``Segmenter.simulated_click``; ``evaluation/objects.py`` runs them for several targets at once):
+click t is drawn from the ground truth and the prediction after click t-1 (first click: a uniform target voxel), by
+``data/clicks.py``'s "random" rule (upstream inference default), the distance-transform "ritm" rule (alias "dt"),
+or "ritm_random" (ritm for clicks 1-2, random after: upstream's old ``val_old.py`` protocol, see ``click_rule``).
+Keys are folded per click, so a result depends only on (seed, case, target).
 
 Imports the model, data/ transforms and clicks; never the training code, configs or ml_collections.
 """
@@ -35,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Integer, Shaped
+from jaxtyping import Array, Bool, Float, Integer, Real, Shaped
 
 from sammed3d_jax.data import clicks as click_lib
 from sammed3d_jax.data import transforms
@@ -87,18 +88,34 @@ class ResampledCase:
     label: np.ndarray | None = None
 
 
+def resample_image(image: Real[np.ndarray, "h w d"], geom: Geometry, spacing_mm: Sequence[float] = DEFAULT_SPACING_MM
+                   ) -> tuple[Float[np.ndarray, "h2 w2 d2"], Geometry]:
+    """torchio's ``Resample`` of an image (linear), float32 out.
+
+    An integer-typed image (e.g. an int16 CT, as ``read_image(..., keep_integer=True)`` returns it) comes back from
+    torchio in its own pixel type: ITK interpolates in double precision, clamps to the type's range and truncates
+    toward zero. We do the same (float64, ITK's axis order, ``trunc``, clip), so the ROI matches upstream's.
+    """
+    if not np.issubdtype(image.dtype, np.integer):
+        return transforms.resample_to_spacing(image, geom, spacing_mm, order=1)
+    out, new_geom = transforms.resample_to_spacing(image.astype(np.float64), geom, spacing_mm, order=1)
+    info = np.iinfo(image.dtype)
+    return np.clip(np.trunc(out), info.min, info.max).astype(np.float32), new_geom
+
+
 def resample_case(
-    image: Float[np.ndarray, "h w d"],
+    image: Real[np.ndarray, "h w d"],
     geom: Geometry,
     label: Integer[np.ndarray, "h w d"] | Bool[np.ndarray, "h w d"] | None = None,
     spacing_mm: Sequence[float] = DEFAULT_SPACING_MM,
 ) -> ResampledCase:
-    """Resamples an image (linear) and its label map (nearest) to ``spacing_mm``, then reorients both to RAS+.
+    """Resamples an image (linear, ``resample_image``) and its label map (nearest) to ``spacing_mm``, then
+    reorients both to RAS+.
 
     Nearest resampling of the whole label map picks the same source voxel as resampling each binary target
     (upstream binarises first), so one pass serves every target.
     """
-    img, new_geom = transforms.resample_to_spacing(image, geom, spacing_mm, order=1)
+    img, new_geom = resample_image(image, geom, spacing_mm)
     ras_image, ras_geom = reorient_to_ras(img, new_geom)
     ras_label = None
     if label is not None:
@@ -218,6 +235,11 @@ def _jitted(encode_fn: EncodeFn, decode_fn: DecodeFn) -> tuple[Callable, Callabl
     return jax.jit(encode_fn), jax.jit(functools.partial(_click_step, decode_fn)), simulated
 
 
+def jitted_encoder(encode_fn: EncodeFn, decode_fn: DecodeFn) -> Callable:
+    """The jitted encoder every Segmenter and ObjectDecoder of one model shares (one compilation)."""
+    return _jitted(encode_fn, decode_fn)[0]
+
+
 @dataclasses.dataclass
 class Interaction:
     """One ROI's interaction so far: the embedding, the click buffer and the latest logits (device arrays).
@@ -264,6 +286,7 @@ class Segmenter:
             raise ValueError(f"max_clicks must be >= 1, got {max_clicks}")
         self.variables = jax.device_put(variables)
         self.crop_size, self.low_res_size, self.max_clicks = int(crop_size), int(low_res_size), int(max_clicks)
+        self.encode_fn, self.decode_fn = encode_fn, decode_fn
         self._encode, self._click, self._simulated = _jitted(encode_fn, decode_fn)
 
     @classmethod
@@ -338,68 +361,3 @@ def click_rule(mode: str, index: int) -> str:
     if mode in ("ritm", "dt") or (mode == "ritm_random" and index < 2):
         return "ritm"
     return "random"
-
-
-@dataclasses.dataclass(frozen=True)
-class SimulationResult:
-    """Outcome of a simulated interaction on one ROI.
-
-    Attributes:
-        masks: click count -> bool ``[S, S, S]`` ROI prediction after that many clicks (the requested counts).
-        points: ``[n, 3]`` the clicks (ROI voxel indices), labels ``[n]`` (1 positive, 0 negative).
-        encode_s: encoder time (device, synchronised).
-        click_s: time of each click (click sampling + decode + upsample, synchronised).
-    """
-
-    masks: dict[int, np.ndarray]
-    points: np.ndarray
-    labels: np.ndarray
-    encode_s: float
-    click_s: tuple[float, ...]
-
-
-def simulate_clicks(
-    segmenter: Segmenter,
-    roi: Roi,
-    key: jax.Array,
-    record_at: Sequence[int],
-    mode: str = "random",
-    first_click: Sequence[float | int] | np.ndarray | None = None,
-) -> SimulationResult:
-    """Runs upstream's simulated interaction on ``roi`` and keeps the prediction after each count in ``record_at``.
-
-    Args:
-        segmenter: the jitted model.
-        roi: a ROI with its ground truth (``roi.gt`` must hold at least one voxel).
-        key: PRNG key of this (case, target); click t uses ``fold_in(key, t)``.
-        record_at: click counts to keep (e.g. 1, 3, 5, 10); the largest sets the number of clicks.
-        mode: "random", "ritm"/"dt" or "ritm_random" (see ``click_rule``).
-        first_click: a given first click (ROI voxel, positive) instead of a simulated one (paper-era crops
-            centred on the first click, as the paper describes its evaluation).
-
-    Returns:
-        The recorded masks, the clicks and the timings.
-    """
-    counts = sorted({int(c) for c in record_at})
-    if not counts or counts[0] < 1:
-        raise ValueError(f"click counts must be positive integers, got {list(record_at)}")
-    if roi.gt is None or not roi.gt.any():
-        raise ValueError("the ground-truth target is empty inside the ROI: no click can be simulated")
-    t0 = time.perf_counter()
-    inter = segmenter.start(roi.image)
-    jax.block_until_ready(inter.embedding)
-    encode_s = time.perf_counter() - t0
-    gt = jnp.asarray(roi.gt[None])
-    masks, times = {}, []
-    for t in range(counts[-1]):
-        t0 = time.perf_counter()
-        if t == 0 and first_click is not None:
-            inter = segmenter.click(inter, first_click, True)
-        else:
-            inter = segmenter.simulated_click(inter, gt, jax.random.fold_in(key, t), click_rule(mode, t))
-        jax.block_until_ready(inter.logits)
-        times.append(time.perf_counter() - t0)
-        if t + 1 in counts:
-            masks[t + 1] = inter.mask()
-    points, labels = inter.clicks()
-    return SimulationResult(masks, points, labels, encode_s, tuple(times))
