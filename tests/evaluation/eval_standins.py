@@ -12,6 +12,7 @@ import numpy as np
 
 from sammed3d_jax.data.nifti import Geometry, write_nifti
 from sammed3d_jax.evaluation.inference import Segmenter
+from sammed3d_jax.evaluation.objects import Chain, ObjectDecoder
 from sammed3d_jax.shapes import NEGATIVE, POSITIVE
 
 S = 32  # stand-in crop; low-res logits at S/4 as the real model
@@ -107,31 +108,34 @@ def central_segmenter(max_clicks: int = 10) -> Segmenter:
                      decode_fn=_decode_central)
 
 
-class _Recorded:
-    """The interaction state of :class:`RecordingSegmenter`: which window, and its latest logits."""
-
-    def __init__(self, window: int, logits: np.ndarray):
-        self.window, self.logits = window, logits
+_NOTHING = jnp.zeros((1,))  # the recording stand-in keeps its state on the host
 
 
-class RecordingSegmenter(Segmenter):
-    """A host-side model stand-in that reports what it received: each window's ROI and the clicks fed to it (in the
+class RecordingSegmenter(ObjectDecoder):
+    """A host-side model stand-in that reports what it received: each window's ROI and the prompts fed to it (in the
     window's own voxel coordinates), in order. It predicts radius-4 balls around the positive clicks so far."""
 
     def __init__(self, crop_size: int = S, max_clicks: int = 10):  # no model, nothing jitted: the host answers
-        self.crop_size, self.max_clicks = crop_size, max_clicks
+        self.crop_size, self.low_res_size, self.max_prompts, self.max_batch = crop_size, crop_size // 4, max_clicks, 8
+        self.supports_boxes = False
         self.windows: list[tuple[np.ndarray, list[tuple[np.ndarray, bool]]]] = []
 
-    def start(self, roi_image: np.ndarray) -> _Recorded:
+    def encode(self, roi_image: np.ndarray) -> int:
         self.windows.append((np.asarray(roi_image), []))
-        return _Recorded(len(self.windows) - 1, np.full((1,) + (self.crop_size,) * 3, -10.0, np.float32))
+        return len(self.windows) - 1
 
-    def click(self, inter: _Recorded, point, positive: bool) -> _Recorded:
-        clicks = self.windows[inter.window][1]
-        clicks.append((np.asarray(point, np.float64), bool(positive)))
+    def empty_chain(self, low=None, logits=None) -> Chain:
+        return Chain(*[_NOTHING] * 5, count=0, logits=logits)
+
+    def decode_chains(self, embeddings, chains, prompts) -> list[Chain]:
+        out = []
         grid = np.stack(np.meshgrid(*[np.arange(self.crop_size)] * 3, indexing="ij"), -1)
-        logits = np.full((self.crop_size,) * 3, -10.0, np.float32)
-        for p, pos in clicks:
-            if pos:
-                logits = np.maximum(logits, 4.0 - np.linalg.norm(grid - p, axis=-1))
-        return _Recorded(inter.window, logits[None])
+        for window, chain, rows in zip(embeddings, chains, prompts, strict=True):
+            clicks = self.windows[window][1]
+            clicks += [(np.asarray(p.coords, np.float64), bool(p.positive)) for p in rows]
+            logits = np.full((self.crop_size,) * 3, -10.0, np.float32)
+            for p, pos in clicks:
+                if pos:
+                    logits = np.maximum(logits, 4.0 - np.linalg.norm(grid - p, axis=-1))
+            out.append(Chain(*[_NOTHING] * 5, count=chain.count + len(rows), logits=logits))
+        return out

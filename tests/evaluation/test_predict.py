@@ -124,7 +124,7 @@ def test_cli_end_to_end_voxel_and_world(tiny_checkpoint, tmp_path, capsys):
                               (";".join(f"{x:.6f},{y:.6f},{z:.6f}:{s}" for (x, y, z), s in zip(world, "+-")),
                                ["--world"], "b.nii.gz")]:
         code = _status(["--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "scan.nii.gz"),
-                        "--points", text, "--out", str(tmp_path / name), *extra])
+                        "--points", text, "--out", str(tmp_path / name), "--no-compilation-cache", *extra])
         assert code == 0, capsys.readouterr().err
         mask, mask_geom = read_label(tmp_path / name)
         assert mask_geom == scan_geom and mask.shape == shape
@@ -160,7 +160,7 @@ def test_cli_bad_input_is_refused_before_the_work(tiny_checkpoint, tmp_path, mon
     flags = [a for a in args if a == "--overwrite"]
     values = [a for a in args if a != "--overwrite"]
     base.update(dict(zip(values[::2], values[1::2], strict=True)))
-    assert _status([x for kv in base.items() for x in kv] + flags) == 2
+    assert _status([x for kv in base.items() for x in kv] + flags + ["--no-compilation-cache"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing changed
@@ -172,7 +172,7 @@ def test_cli_overwrite_replaces_an_earlier_mask(tiny_checkpoint, tmp_path, monke
     write_nifti(tmp_path / "scan.nii.gz", image, geometry((40, 40, 40)))
     (tmp_path / "mask.nii.gz").write_bytes(b"an earlier result")
     argv = ["--checkpoint", str(tiny_checkpoint), "--image", "scan.nii.gz", "--points", "20,20,20:+", "--out",
-            "mask.nii.gz", "--overwrite"]
+            "mask.nii.gz", "--overwrite", "--no-compilation-cache"]
     assert _status(argv) == 0, capsys.readouterr().err
     mask, _ = read_label(tmp_path / "mask.nii.gz")
     assert mask.shape == (40, 40, 40)
