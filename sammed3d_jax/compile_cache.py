@@ -84,6 +84,7 @@ class CompileClock:
     def __post_init__(self):
         self._lock = threading.Lock()
         self._t0 = 0.0
+        self._active = False
         self._spans: list[tuple[float, float]] = []
 
     @property
@@ -99,9 +100,14 @@ class CompileClock:
         return total
 
     @property
+    def elapsed_s(self) -> float:
+        """Wall time so far: inside the block, since it began; after it, its whole duration."""
+        return self.wall_s + (time.perf_counter() - self._t0 if self._active else 0.0)
+
+    @property
     def run_s(self) -> float:
-        """Wall time not spent compiling."""
-        return max(self.wall_s - self.compile_s, 0.0)
+        """Wall time not spent compiling (so far)."""
+        return max(self.elapsed_s - self.compile_s, 0.0)
 
     def _on_span(self, event: str, start: float, end: float, **kwargs: Any) -> None:
         if event in COMPILE_EVENTS:
@@ -119,12 +125,14 @@ class CompileClock:
         monitoring.register_event_time_span_listener(self._on_span)
         monitoring.register_event_listener(self._on_event)
         self._t0 = time.perf_counter()
+        self._active = True
         return self
 
     def __exit__(self, *exc) -> None:
         from jax import monitoring
 
         self.wall_s += time.perf_counter() - self._t0
+        self._active = False
         monitoring.unregister_event_time_span_listener(self._on_span)
         monitoring.unregister_event_listener(self._on_event)
 

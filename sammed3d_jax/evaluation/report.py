@@ -57,12 +57,19 @@ def format_table(summary: Mapping[str, Any]) -> str:
     per_case = t["case_s"].get("mean")
     per_click = t["click_s"].get("mean")
     lines.append("")
+    o = summary["options"]
+    protocol = f"crop: {o.get('crop', 'target')}, grid: {o['metric_grid']}, clicks: {o['click_mode']}"
+    if o.get("scoring", "per_target") != "per_target" or o.get("dice_over_clicks", "at") != "at":
+        protocol += f", scoring: {o.get('scoring')}, Dice: {o.get('dice_over_clicks')}"
+    compile_text = ""
+    if t.get("compile_s") is not None:
+        hits = t.get("cache_hits") or 0
+        compile_text = f", compile {t['compile_s']:.1f} s" + (f" ({hits} programs from the cache)" if hits else "")
+        compile_text += f", run {t['run_s']:.1f} s" if t.get("run_s") is not None else ""
     lines.append(
-        f"{c['scored']} targets scored, {c['failed']} failed, {c.get('skipped', 0)} skipped, {c['cases']} cases; grid: "
-        f"{summary['options']['metric_grid']}, clicks: {summary['options']['click_mode']}; time per case "
-        + (f"{per_case:.2f} s" if per_case is not None else "–") + ", per click "
-        + (f"{1000 * per_click:.1f} ms" if per_click is not None else "–")
-        + (f", compile {t['compile_s']:.1f} s" if t.get("compile_s") is not None else ""))
+        f"{c['scored']} targets scored, {c['failed']} failed, {c.get('skipped', 0)} skipped, {c['cases']} cases; "
+        f"{protocol}; time per case " + (f"{per_case:.2f} s" if per_case is not None else "–") + ", per click "
+        + (f"{1000 * per_click:.1f} ms" if per_click is not None else "–") + compile_text)
     for f in summary.get("failed", []):
         lines.append(f"FAILED {f['dataset']}/{f['case']} {f['target']!r}: {f['error']}")
     for s in summary.get("skipped", []):

@@ -1,14 +1,16 @@
 """Dataset evaluation with simulated clicks: per-target CSV, ``summary.json``, Dice-vs-clicks PNG, optional masks.
 
 For every (case, target) of a dataset (nnU-Net layout: every label value present is a target; upstream layout; or a
-manifest), ``inference.simulate_clicks`` makes up to max(click_counts) clicks and the prediction after each
-requested count is scored with Dice and normalised surface Dice (``nsd_tolerance_mm``, true spacing):
+manifest), a simulated user makes up to max(click_counts) clicks and the prediction after each requested count is
+scored with Dice and normalised surface Dice (``nsd_tolerance_mm``, true spacing). All targets of a case are clicked
+and decoded together, sharing each window's encode (``evaluation/cases.py`` holds the two protocols, ``crop="target"``
+and the click-centred ``crop="first_click"``, and the scoring modes):
 
-- ``metric_grid="original"`` (default, current upstream ``medim_val_dataset.py``): the ROI prediction is pasted
-  back onto the image's own grid (nearest) and compared with the label there, spacing from the file header. Parts
-  of a target outside the crop count as missed.
+- ``metric_grid="original"`` (default, current upstream ``medim_val_dataset.py``): the prediction is pasted back
+  onto the image's own grid (nearest) and compared with the label there, spacing from the file header. Parts
+  of a target outside the windows count as missed.
 - ``metric_grid="roi"`` (paper era, ``val_old.py``): compared on the ``S``³ ROI with the cropped, resampled
-  ground truth, spacing = the resampling target (1.5 mm).
+  ground truth, spacing = the resampling target (1.5 mm; the file's spacing with ``resample="none"``).
 
 Plus the area under the score-vs-clicks curve over the requested counts (``metrics.dice_auc``, the mean score over
 the click range). Outputs in ``out``: ``per_target.csv`` (one row per case and target, failed ones with their
@@ -31,23 +33,25 @@ import dataclasses
 import json
 import os
 import time
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import numpy as np
 from etils import epath
 
-from sammed3d_jax import cli, writers
-from sammed3d_jax.data.check import LINEAR_TOL, ORIGIN_TOL_MM
+from sammed3d_jax import writers
 from sammed3d_jax.data.manifest import Record, load_records
-from sammed3d_jax.data.nifti import Geometry, read_image, read_label, write_nifti
 from sammed3d_jax.evaluation import inference, metrics, report
+from sammed3d_jax.evaluation.cases import _decoder, evaluate_case, target_seed  # noqa: F401  (re-exported)
+from sammed3d_jax.evaluation.objects import ObjectDecoder
 
 FORMAT = "sammed3d_jax.eval/v1"
 METRIC_GRIDS = ("original", "roi")
 CROPS = ("target", "first_click")
+FIRST_CLICKS = ("deepest", "random")
+RESAMPLING = ("torchio", "none")
+CT_CLIPS = ("none", "path")
+SCORINGS = ("per_target", "combined")
+DICE_OVER_CLICKS = ("at", "max")
 NAN_POLICY = ("Targets with an empty ground truth are not scored and are listed as failed (nnU-Net: NaN, skipped in "
               "means). Both masks empty -> NaN, ground truth empty and prediction not -> 0, prediction empty -> 0; "
               "means and std skip NaN (n and n_nan given); overall pools every (case, target) value.")
@@ -60,11 +64,18 @@ class EvalOptions:
     click_counts: tuple[int, ...] = (1, 3, 5, 10)
     click_mode: str = "random"
     crop: str = "target"
+    first_click: str = "deepest"
     metric_grid: str = "original"
     nsd_tolerance_mm: float = 1.0
     spacing_mm: tuple[float, float, float] = inference.DEFAULT_SPACING_MM
     seed: int = 233
     save_masks: bool = False
+    resample: str = "torchio"
+    integer_cast: bool = True
+    ct_clip: str = "none"
+    scoring: str = "per_target"
+    dice_over_clicks: str = "at"
+    max_windows: int = 27
 
     def __post_init__(self):
         counts = tuple(int(c) for c in self.click_counts)
@@ -73,162 +84,48 @@ class EvalOptions:
         object.__setattr__(self, "click_counts", counts)
         object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
         inference.click_rule(self.click_mode, 0)  # validates the mode
-        if self.metric_grid not in METRIC_GRIDS:
-            raise ValueError(f"metric_grid must be one of {METRIC_GRIDS}, got {self.metric_grid!r}")
-        if self.crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        for name, allowed in (("metric_grid", METRIC_GRIDS), ("crop", CROPS), ("first_click", FIRST_CLICKS),
+                              ("resample", RESAMPLING), ("ct_clip", CT_CLIPS), ("scoring", SCORINGS),
+                              ("dice_over_clicks", DICE_OVER_CLICKS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.scoring == "combined" and self.metric_grid != "original":
+            raise ValueError("scoring='combined' scores the pasted label map: it needs metric_grid='original'")
+        if self.crop == "first_click" and (self.metric_grid != "original" or self.resample != "torchio"):
+            raise ValueError("crop='first_click' runs predict's windows on the resampled image and scores on the "
+                             "file's grid: it needs metric_grid='original' and resample='torchio'")
+        if self.resample == "none" and self.metric_grid != "roi":
+            raise ValueError("resample='none' (data used as stored, paper era) scores on the ROI: set "
+                             "metric_grid='roi'")
+        if int(self.max_windows) < 1:
+            raise ValueError(f"max_windows must be at least 1, got {self.max_windows}")
 
     @property
     def metric_names(self) -> list[str]:
         names = [f"{m}_{c}" for c in self.click_counts for m in ("dice", "nsd")]
         return names + ["dice_auc", "nsd_auc"]
 
+    @property
+    def max_prompts(self) -> int:
+        """Click buffer the protocol needs (its clicks, plus a propagated click for a grown window)."""
+        return self.click_counts[-1] + (1 if self.crop == "first_click" else 0)
+
 
 def options_from_config(config) -> EvalOptions:
     """EvalOptions from the evaluation ConfigDict."""
-    return EvalOptions(click_counts=tuple(config.click_counts), click_mode=config.click_mode, crop=config.crop,
-                       metric_grid=config.metric_grid, nsd_tolerance_mm=config.nsd_tolerance_mm,
-                       spacing_mm=tuple(config.spacing_mm), seed=config.seed, save_masks=config.save_masks)
+    fields = {f.name for f in dataclasses.fields(EvalOptions)}
+    values = {k: v for k, v in config.items() if k in fields}
+    values["click_counts"] = tuple(values["click_counts"])
+    values["spacing_mm"] = tuple(values["spacing_mm"])
+    return EvalOptions(**values)
 
 
-def target_seed(dataset: str, case: str, label_value: int) -> int:
-    """A stable 31-bit number naming one (dataset, case, target): results do not depend on the case order."""
-    return zlib.crc32(f"{dataset}/{case}/{label_value}".encode()) & 0x7FFFFFFF
-
-
-def _check_same_grid(image_path: str, image_geom: Geometry, label_path: str, label_geom: Geometry) -> None:
-    if image_geom.shape != label_geom.shape:
-        raise ValueError(f"{label_path}: label shape {label_geom.shape} differs from the image's {image_geom.shape} "
-                         f"({image_path})")
-    diff = np.abs(image_geom.affine - label_geom.affine)
-    if diff[:3, :3].max() > LINEAR_TOL or diff[:3, 3].max() > ORIGIN_TOL_MM:
-        raise ValueError(f"{label_path}: label affine differs from the image's ({image_path}; max difference "
-                         f"{diff.max():.3g}): image and label are not on the same grid")
-
-
-def _error_text(err: BaseException) -> str:
-    text = cli.one_line(err)  # never empty: a MemoryError says "out of memory", a bare error its type
-    return text if isinstance(err, (ValueError, MemoryError)) else f"{type(err).__name__}: {text}"
-
-
-def _row(record: Record) -> dict[str, Any]:
-    return {"dataset": record.dataset, "case": record.case, "target": record.target,
-            "label_value": record.label_value, "status": "ok", "error": "", "image": record.image,
-            "label": record.label}
-
-
-def _crop_for(case: inference.ResampledCase, ras_target: np.ndarray, options: EvalOptions, crop_size: int,
-              seed: int):
-    """(window, first click in ROI coordinates or None) for one target."""
-    if options.crop == "target":
-        return inference.target_crop(ras_target, crop_size), None
-    # Paper era: the crop is centred on the first click, a uniform target voxel (the code's crop is centred on the
-    # target's bounding box instead).
-    voxels = np.argwhere(ras_target)
-    p = voxels[np.random.default_rng([options.seed, seed]).integers(len(voxels))]
-    start = p - crop_size // 2
-    return inference.window_at(case.geom.shape, start, crop_size), (p - start).astype(np.float32)
-
-
-def _score(pred, gt, spacing, options: EvalOptions) -> tuple[float, float]:
-    return metrics.dice(pred, gt), metrics.normalized_surface_dice(pred, gt, spacing, options.nsd_tolerance_mm)
-
-
-def evaluate_target(segmenter: inference.Segmenter, case: inference.ResampledCase, label: np.ndarray,
-                    record: Record, options: EvalOptions) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Scores one target of a resampled case.
-
-    Returns:
-        (metrics and timings for its row, the pasted mask at the last count, or None when not needed).
-
-    Raises:
-        ValueError: empty target (on the original grid or after resampling), naming the label file.
-    """
-    gt = label == record.label_value
-    n_gt = int(gt.sum())
-    if n_gt == 0:
-        raise ValueError(f"{record.label}: empty ground-truth target {record.target!r} (no voxel == "
-                         f"{record.label_value})")
-    ras_target = case.label == record.label_value
-    if not ras_target.any():
-        raise ValueError(f"{record.label}: target {record.target!r} ({n_gt} voxels) has no voxel left after "
-                         f"resampling to {options.spacing_mm} mm")
-    seed = target_seed(record.dataset, record.case, record.label_value)
-    crop, first_click = _crop_for(case, ras_target, options, segmenter.crop_size, seed)
-    roi = inference.crop_roi(case, crop, ras_target, name=f"{record.image} (target {record.target!r})")
-    key = jax.random.fold_in(jax.random.key(options.seed), seed)
-    sim = inference.simulate_clicks(segmenter, roi, key, options.click_counts, options.click_mode, first_click)
-    out: dict[str, Any] = {"gt_voxels": n_gt}
-    pasted = None
-    for count in options.click_counts:
-        if options.metric_grid == "roi":
-            d, n = _score(sim.masks[count], roi.gt, options.spacing_mm, options)
-        else:
-            pasted = inference.paste_back(sim.masks[count], roi.geom, case.original_geom)
-            d, n = _score(pasted, gt, case.original_geom.spacing_mm, options)
-        out[f"dice_{count}"], out[f"nsd_{count}"] = d, n
-    if pasted is None and options.save_masks:
-        pasted = inference.paste_back(sim.masks[options.click_counts[-1]], roi.geom, case.original_geom)
-    for m in ("dice", "nsd"):
-        out[f"{m}_auc"] = metrics.dice_auc(options.click_counts, [out[f"{m}_{c}"] for c in options.click_counts])
-    out.update(n_clicks=len(sim.click_s), encode_s=sim.encode_s, click_s=float(np.mean(sim.click_s)),
-               first_label=int(sim.labels[0]), positive_clicks=int((sim.labels == 1).sum()))
-    return out, pasted
-
-
-def _mask_path(masks_dir: str, record: Record, written: set[str]) -> str:
-    path = os.path.join(masks_dir, record.dataset, f"{record.case}.nii.gz")
-    if path in written:  # upstream layout: one binary label file per target, so one case name per target folder
-        path = os.path.join(masks_dir, record.dataset, f"{record.case}_{record.target}.nii.gz")
-    written.add(path)
-    return path
-
-
-def evaluate_case(segmenter: inference.Segmenter, records: Sequence[Record], options: EvalOptions,
-                  masks_dir: str | None = None, written: set[str] | None = None) -> list[dict[str, Any]]:
-    """Evaluates every target of one (image, label) pair; failures become rows with status "failed".
-
-    Args:
-        segmenter: the jitted model.
-        records: the targets of one case (same image and label files).
-        options: the protocol.
-        masks_dir: where to write the predicted label map (largest click count; later targets overwrite earlier
-            ones where they overlap, as upstream), or None.
-        written: mask paths already written in this run (to keep file names unique).
-
-    Returns:
-        One row per record.
-    """
-    t0 = time.perf_counter()
-    rows = [_row(r) for r in records]
-    first = records[0]
-    try:
-        image, image_geom = read_image(first.image)
-        label, label_geom = read_label(first.label)
-        _check_same_grid(first.image, image_geom, first.label, label_geom)
-        case = inference.resample_case(image, image_geom, label, options.spacing_mm)
-    except Exception as err:  # one bad case must not stop the run: it is reported in the summary
-        for row in rows:
-            row.update(status="failed", error=_error_text(err), case_s=time.perf_counter() - t0)
-        return rows
-    combined = None
-    if masks_dir is not None:
-        combined = np.zeros(label.shape, np.uint8 if max(r.label_value for r in records) < 256 else np.int32)
-    for row, record in zip(rows, records, strict=True):
-        t1 = time.perf_counter()
-        try:
-            part, pasted = evaluate_target(segmenter, case, label, record, options)
-            row.update(part)
-            if combined is not None:
-                combined[pasted] = record.label_value
-        except Exception as err:  # e.g. an empty target: reported, the other targets still run
-            row.update(status="failed", error=_error_text(err))
-        row["target_s"] = time.perf_counter() - t1
-    if combined is not None:
-        write_nifti(_mask_path(masks_dir, first, written if written is not None else set()), combined, label_geom)
-    for row in rows:
-        row["case_s"] = time.perf_counter() - t0
-    return rows
+def group_cases(records: Sequence[Record]) -> list[list[Record]]:
+    """Records grouped into cases (same image and label files), in order of first appearance."""
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.image, r.label), []).append(r)
+    return list(groups.values())
 
 
 def _stats(values) -> dict[str, float | int]:
@@ -251,13 +148,15 @@ def summarize_rows(rows: Sequence[dict[str, Any]], options: EvalOptions) -> dict
     return {"per_target": per_target, "overall": overall}
 
 
-def evaluate_records(segmenter: inference.Segmenter | None, records: Sequence[Record], options: EvalOptions, out: str, *,
-                     problems: Sequence[tuple[str, str]] = (), info: dict[str, Any] | None = None,
-                     max_cases: int = 0, progress: bool = False, compile_s: float | None = None) -> dict[str, Any]:
+def evaluate_records(decoder: ObjectDecoder | inference.Segmenter | None, records: Sequence[Record],
+                     options: EvalOptions, out: str, *, problems: Sequence[tuple[str, str]] = (),
+                     info: dict[str, Any] | None = None, max_cases: int = 0, progress: bool = False,
+                     compile_s: float | None = None, timing=None) -> dict[str, Any]:
     """Evaluates records case by case and writes ``per_target.csv``, ``summary.json`` and ``dice_vs_clicks.png``.
 
     Args:
-        segmenter: the jitted model (``max_clicks`` >= the largest click count); None only without records.
+        decoder: the model (click buffer >= ``options.max_prompts``; a Segmenter is wrapped); None only without
+            records.
         records: targets to evaluate (grouped into cases by their image and label files, order kept).
         options: the protocol.
         out: output folder (created).
@@ -267,20 +166,21 @@ def evaluate_records(segmenter: inference.Segmenter | None, records: Sequence[Re
         max_cases: > 0 evaluates only the first N cases.
         progress: progress bar on stderr.
         compile_s: compilation time to report.
+        timing: a function returning extra timing fields at the end (they replace ``compile_s``), e.g. the
+            compile time a ``CompileClock`` measured; run time is then the rest of the total.
 
     Returns:
         The summary (as written to ``summary.json``).
     """
-    if records and segmenter is None:
+    if records and decoder is None:
         raise ValueError("evaluate_records: records to evaluate but no model")
-    if segmenter is not None and segmenter.max_clicks < options.click_counts[-1]:
-        raise ValueError(f"segmenter holds {segmenter.max_clicks} clicks, protocol needs {options.click_counts[-1]}")
+    decoder = None if decoder is None else _decoder(decoder)
+    if decoder is not None and decoder.max_prompts < options.max_prompts:
+        raise ValueError(f"the model's click buffer holds {decoder.max_prompts} clicks, the protocol needs "
+                         f"{options.max_prompts}")
     out_dir = epath.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases: dict[tuple[str, str], list[Record]] = {}
-    for r in records:
-        cases.setdefault((r.image, r.label), []).append(r)
-    groups = list(cases.values())[: max_cases or None]
+    groups = group_cases(records)[: max_cases or None]
     masks_dir = os.fspath(out_dir / "masks") if options.save_masks else None
     from tqdm import tqdm
 
@@ -288,7 +188,7 @@ def evaluate_records(segmenter: inference.Segmenter | None, records: Sequence[Re
     bar = tqdm(groups, unit="case", disable=None if progress else True, dynamic_ncols=True)
     for group in bar:
         bar.set_postfix_str(group[0].case)
-        rows += evaluate_case(segmenter, group, options, masks_dir, written)
+        rows += evaluate_case(decoder, group, options, masks_dir, written)
     total_s = time.perf_counter() - t0
     scored = [r for r in rows if r["status"] == "ok"]
     failed = [{k: r[k] for k in ("dataset", "case", "target", "label_value", "image", "label", "error")}
@@ -302,7 +202,8 @@ def evaluate_records(segmenter: inference.Segmenter | None, records: Sequence[Re
         "counts": {"cases": len(groups), "targets": len(rows), "scored": len(scored), "failed": len(failed),
                    "skipped": len(problems)},
         **summarize_rows(rows, options),
-        "timing": {"compile_s": compile_s, "total_s": total_s, "case_s": _stats(case_times),
+        "timing": {"compile_s": compile_s, "total_s": total_s, **(timing() if timing else {}), "case_s": _stats(
+                   case_times),
                    "click_s": _stats([r["click_s"] for r in scored]),
                    "encode_s": _stats([r["encode_s"] for r in scored])},
         "failed": failed,
@@ -358,7 +259,8 @@ def default_datasets(workdir: str, mni152: bool = True) -> list[str]:
     return data
 
 
-def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str) -> dict[str, Any]:
+def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str,
+             cache_dir: str | None = None) -> dict[str, Any]:
     """Loads ``checkpoint``, reads ``data`` (``load_dataset``) and evaluates with the ``config`` protocol.
 
     Args:
@@ -366,9 +268,10 @@ def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str) -> d
         checkpoint: see ``evaluation/checkpoints.py``.
         data: dataset folders, manifests or prepared stores; None = the training workdir's own data.
         out: output folder.
+        cache_dir: the persistent compilation cache in use (for the report), or None.
 
     Returns:
-        The summary; also printed as a table.
+        The summary; also printed as a table (compile and run time apart).
     """
     from sammed3d_jax.evaluation.checkpoints import load_checkpoint
 
@@ -382,15 +285,21 @@ def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str) -> d
         found, issues = load_dataset(dataset, config.split)
         records += found
         problems += issues
-    segmenter, compile_s = None, None
-    if records:  # nothing to compile for a dataset whose every label was skipped: the report says why
-        segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=options.click_counts[-1])
-        rules = sorted({inference.click_rule(options.click_mode, t) for t in range(options.click_counts[-1])})
-        compile_s = segmenter.warmup(rules)
-    info = {"checkpoint": loaded.describe(), "data": [os.path.abspath(d) for d in data],
-            "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
-    summary = evaluate_records(segmenter, records, options, out, problems=problems, info=info,
-                               max_cases=config.max_cases, progress=config.progress, compile_s=compile_s)
+    from sammed3d_jax.compile_cache import CompileClock
+
+    decoder = None
+    with CompileClock() as clock:
+        if records:  # nothing to compile for a dataset whose every label was skipped: the report says why
+            decoder = ObjectDecoder.from_model(loaded.variables, loaded.cfg, max_prompts=options.max_prompts)
+            rules = sorted({inference.click_rule(options.click_mode, t) for t in range(options.click_counts[-1])})
+            sizes = {len(g) for g in group_cases(records)[: config.max_cases or None]}
+            decoder.warmup(sizes, rules if options.crop == "target" else ())
+        info = {"checkpoint": loaded.describe(), "data": [os.path.abspath(d) for d in data],
+                "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
+        summary = evaluate_records(decoder, records, options, out, problems=problems, info=info,
+                                   max_cases=config.max_cases, progress=config.progress, compile_s=0.0,
+                                   timing=lambda: {"compile_s": clock.compile_s, "run_s": clock.run_s,
+                                                   "cache_hits": clock.cache_hits, "compilation_cache": cache_dir})
     print(report.format_table(summary))
     print(f"wrote {os.path.join(out, 'per_target.csv')}, summary.json and dice_vs_clicks.png")
     return summary

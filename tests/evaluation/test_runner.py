@@ -2,6 +2,7 @@
 the per-target and overall aggregates, the failure bookkeeping, the masks and the plot can be checked exactly."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from eval_standins import bright_image, box, geometry, threshold_segmenter, write_dataset_json, write_nnunet_case
+from eval_standins import (ball_segmenter, bright_image, box, geometry, threshold_segmenter, write_dataset_json,
+                           write_nnunet_case)
 
 from sammed3d_jax.data.manifest import Record, discover
 from sammed3d_jax.data.nifti import read_label
@@ -125,6 +127,10 @@ def test_option_and_default_data_errors(tmp_path):
         runner.EvalOptions(metric_grid="slice")
     with pytest.raises(ValueError, match="crop"):
         runner.EvalOptions(crop="centre")
+    with pytest.raises(ValueError, match="first_click.*metric_grid='original'"):
+        runner.EvalOptions(crop="first_click", metric_grid="roi")
+    with pytest.raises(ValueError, match="resample='none'.*metric_grid='roi'"):
+        runner.EvalOptions(resample="none")
     with pytest.raises(FileNotFoundError, match="no synthetic dataset"):
         runner.default_datasets(str(tmp_path))
 
@@ -142,13 +148,99 @@ def test_eval_cli_without_a_trained_checkpoint_says_to_train_first(tmp_path):
         assert "python train.py" in proc.stderr and str(ckpt) in proc.stderr
 
 
-def test_paper_crop_centred_on_the_first_click(dataset, tmp_path):
+def test_click_centred_protocol_scores_what_predict_gives(dataset, tmp_path):
+    # crop="first_click": the first click is the target's deepest voxel and the windows are predict's, so Dice after
+    # one click is the Dice of predict's mask for that click (a click-driven stand-in: balls around the clicks).
+    from sammed3d_jax import predict
+    from sammed3d_jax.data.nifti import read_image
+    from sammed3d_jax.evaluation.cases import deepest_voxel
+
+    _, records, geoms = dataset
+    a = [r for r in records if r.case == "A"]
+    options = runner.EvalOptions(click_counts=(1, 3), crop="first_click")
+    rows = runner.evaluate_records(ball_segmenter(max_clicks=4), a, options, str(tmp_path))["metric_per_target"]
+    image, geom = read_image(a[0].image)
+    label, _ = read_label(a[0].label)
+    for row, gt in zip(rows, (L1_A, L2_A), strict=True):
+        click = deepest_voxel(gt, geom.spacing_mm)
+        assert row["error"] == "" and row["first_click"] == click.tolist() and row["first_label"] == 1
+        mask = predict.predict_mask(ball_segmenter(max_clicks=4), image, geom, click[None], np.array([True])).mask
+        assert mask.any() and row["dice_1"] == pytest.approx(metrics.dice(mask, gt), abs=1e-9)
+        assert row["n_clicks"] == 3 and row["windows"] >= 1
+    # The same protocol with the paper's first click (a uniform target voxel), reproducibly.
+    random_first = runner.EvalOptions(click_counts=(1,), crop="first_click", first_click="random")
+    runs = [runner.evaluate_records(ball_segmenter(max_clicks=4), a, random_first, str(tmp_path / str(k)))
+            for k in range(2)]
+    firsts = [[r["first_click"] for r in run["metric_per_target"]] for run in runs]
+    assert firsts[0] == firsts[1] and all(gt[tuple(np.asarray(f, int))] for f, gt in zip(firsts[0], (L1_A, L2_A)))
+
+
+def test_combined_scoring_lets_later_targets_overwrite_earlier_ones(tmp_path):
+    # Two adjacent boxes; each target's 32^3 crop holds both bright boxes, so the threshold stand-in predicts their
+    # union for either target: per target Dice 2|L|/(|L| + 2|L|) = 2/3 each; upstream's combined map gives label 2
+    # everywhere it predicts (written last), so target 1 scores 0 and target 2 still 2/3.
+    root = tmp_path / "Dataset003_Adjacent"
+    write_dataset_json(root, {"first": 1, "second": 2})
+    shape = (40, 36, 30)
+    l1, l2 = box(shape, (4, 10, 10), (14, 20, 20)), box(shape, (14, 10, 10), (24, 20, 20))
+    write_nnunet_case(root, "E", bright_image(l1 | l2), l1 + 2 * l2, geometry(shape, kind="lps"))
+    records = discover(root)
+    dice = {}
+    for scoring in ("per_target", "combined"):
+        options = runner.EvalOptions(click_counts=(1,), scoring=scoring, save_masks=True)
+        summary = runner.evaluate_records(threshold_segmenter(max_clicks=1), records, options,
+                                          str(tmp_path / scoring))
+        dice[scoring] = [r["dice_1"] for r in summary["metric_per_target"]]
+    assert dice["per_target"] == [pytest.approx(2 / 3, abs=1e-9)] * 2
+    assert dice["combined"] == [0.0, pytest.approx(2 / 3, abs=1e-9)]
+    mask, _ = read_label(tmp_path / "combined" / "masks" / "Dataset003_Adjacent" / "E.nii.gz")
+    np.testing.assert_array_equal(mask, 2 * (l1 | l2))  # the saved map is the scored one
+    with pytest.raises(ValueError, match="combined.*metric_grid='original'"):
+        runner.EvalOptions(scoring="combined", metric_grid="roi")
+
+
+def test_best_dice_over_clicks(dataset, tmp_path):
     _, records, _ = dataset
-    options = runner.EvalOptions(click_counts=(1, 2), crop="first_click", click_mode="ritm_random")
     b = [r for r in records if r.case == "B" and r.label_value == 1]
-    row = runner.evaluate_records(threshold_segmenter(max_clicks=2), b, options, str(tmp_path))["metric_per_target"][0]
-    # The 32^3 window around any voxel of the 10^3 target holds the whole predicted box: the same Dice as before.
-    assert row["error"] == "" and row["first_label"] == 1 and row["dice_2"] == pytest.approx(2 / 3, abs=1e-6)
+    counts = (1, 2, 3, 4, 5, 6)
+    runs = {}
+    for mode in ("at", "max"):
+        options = runner.EvalOptions(click_counts=counts, dice_over_clicks=mode)
+        runs[mode] = runner.evaluate_records(ball_segmenter(max_clicks=6), b, options,
+                                             str(tmp_path / mode))["metric_per_target"][0]
+    at = [runs["at"][f"dice_{c}"] for c in counts]
+    assert len(set(at)) > 2  # the clicks change the prediction (balls around them)
+    assert [runs["max"][f"dice_{c}"] for c in counts] == pytest.approx(list(np.maximum.accumulate(at)), abs=1e-12)
+    assert [runs["max"][f"nsd_{c}"] for c in counts] == [runs["at"][f"nsd_{c}"] for c in counts]
+
+
+def test_paper_preset_reads_data_as_stored_and_clamps_ct(tmp_path):
+    # resample="none": the ROI is cut from the array as stored (1 mm, LPS: torchio would resample and reorient);
+    # ct_clip="path": a path holding "/ct_" is clamped to [-1000, 1000] first. P (1000 HU) and Q (100 HU) form the
+    # target; R (30000 HU) is bright background. Unclamped, R lifts the ROI mean above Q (the stand-in predicts
+    # P and R); clamped, R is 1000 and Q is above the mean (P, Q and R).
+    from sammed3d_jax.data.nifti import write_nifti
+    from sammed3d_jax.evaluation.config import get_config
+
+    shape = (32, 32, 32)
+    p, q, r = box(shape, (8, 8, 8), (18, 18, 18)), box(shape, (8, 8, 18), (18, 18, 28)), box(shape, (20, 8, 8),
+                                                                                             (28, 18, 18))
+    image = np.ones(shape, np.float32) + 999 * p + 99 * q + 29999 * r
+    geom = geometry(shape, spacing=(1.0, 1.0, 1.0), kind="lps")
+    folder = tmp_path / "organ" / "ct_Test"
+    write_nifti(folder / "imagesTr" / "x.nii.gz", image.astype(np.int16), geom)
+    write_nifti(folder / "labelsTr" / "x.nii.gz", (p | q).astype(np.uint8), geom)
+    record = Record("x", str(folder / "imagesTr" / "x.nii.gz"), str(folder / "labelsTr" / "x.nii.gz"), 1, "organ",
+                    "ct_Test", "ct")
+    paper = runner.options_from_config(get_config("paper"))
+    assert (paper.resample, paper.ct_clip, paper.metric_grid, paper.crop) == ("none", "path", "roi", "target")
+    label = p | q
+    for clip, pred in (("path", p | q | r), ("none", p | r)):
+        options = dataclasses.replace(paper, click_counts=(1,), ct_clip=clip)
+        row = runner.evaluate_records(threshold_segmenter(max_clicks=1), [record], options,
+                                      str(tmp_path / clip))["metric_per_target"][0]
+        assert row["error"] == ""
+        assert row["dice_1"] == pytest.approx(2 * (pred & label).sum() / (pred.sum() + label.sum()), abs=1e-9)
 
 
 def test_prepared_store_and_manifest_select_the_targets(dataset, tmp_path):
