@@ -212,7 +212,7 @@ class Session:
         o.actions.append(_Action(next(self._action_ids), **fields))
         o.result = None
 
-    def add_point(self, obj: int, point: Sequence[float] | np.ndarray, positive: bool = True, *,
+    def add_point(self, obj: int, point: Sequence[float | int] | np.ndarray, positive: bool = True, *,
                   world: bool = False) -> None:
         """A click on ``obj``: voxel indices of the image (float allowed), or RAS+ mm with ``world``."""
         case = self._case()
@@ -220,7 +220,7 @@ class Session:
                               self.source, what=f"{self._object(obj).name}")[0]
         self._act(obj, kind="point", coords=p, positive=bool(positive))
 
-    def add_box(self, obj: int, lo: Sequence[float] | np.ndarray, hi: Sequence[float] | np.ndarray, *,
+    def add_box(self, obj: int, lo: Sequence[float | int] | np.ndarray, hi: Sequence[float | int] | np.ndarray, *,
                 world: bool = False) -> None:
         """A 3-D box on ``obj`` by two opposite corners (inclusive voxel indices, or RAS+ mm with ``world``); a later
         box of the same object replaces it (one box per object, as the model takes)."""

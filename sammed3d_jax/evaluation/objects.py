@@ -69,8 +69,12 @@ class Prompt:
     """
 
     kind: str
-    coords: tuple[float, ...]
+    coords: Sequence[float | int] | np.ndarray
     positive: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "coords", tuple(float(c) for c in np.asarray(self.coords).reshape(-1)))
+        object.__setattr__(self, "positive", bool(self.positive))
 
     def key(self) -> tuple:
         """A hashable identity of the prompt (for caches keyed by prompt sequences)."""

@@ -52,7 +52,7 @@ def to_model_grid(coords: Float[np.ndarray, "n 3"], geom: Geometry, grid: Geomet
     return np.clip(on_grid, 0, np.asarray(grid.shape) - 1).astype(np.float32)
 
 
-def box_to_model_grid(lo: Sequence[float] | np.ndarray, hi: Sequence[float] | np.ndarray, geom: Geometry, grid: Geometry, world: bool = False,
+def box_to_model_grid(lo: Sequence[float | int] | np.ndarray, hi: Sequence[float | int] | np.ndarray, geom: Geometry, grid: Geometry, world: bool = False,
                       source: str = "image", what: str = "--box") -> tuple[np.ndarray, np.ndarray]:
     """A box given by two opposite corners (inclusive voxel indices of the file, or world mm) on ``grid``:
     ``(lo [3], hi [3])`` float indices, from the per-axis extremes of its eight corners.

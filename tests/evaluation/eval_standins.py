@@ -139,3 +139,41 @@ class RecordingSegmenter(ObjectDecoder):
                     logits = np.maximum(logits, 4.0 - np.linalg.norm(grid - p, axis=-1))
             out.append(Chain(*[_NOTHING] * 5, count=chain.count + len(rows), logits=logits))
         return out
+
+
+def _box_or_balls(points, labels, boxes, box_present):
+    grid = jnp.stack(jnp.meshgrid(*[jnp.arange(S, dtype=jnp.float32)] * 3, indexing="ij"), -1)
+    lo, hi = boxes[:, None, None, None, :3] - 0.5, boxes[:, None, None, None, 3:] + 0.5
+    inside = 0.25 + jnp.min(jnp.minimum(grid[None] - lo, hi - grid[None]), axis=-1)
+    inside = jnp.where(box_present[:, None, None, None], inside, -1e3)
+    dist = jnp.linalg.norm(grid[None, :, :, :, None, :] - points[:, None, None, None, :, :], axis=-1)
+    lab = labels[:, None, None, None, :]
+    pos = jnp.max(jnp.where(lab == POSITIVE, 4.0 - dist, -1e3), axis=-1)
+    neg = jnp.max(jnp.where(lab == NEGATIVE, 2.0 - dist, -1e3), axis=-1)
+    return jnp.where(neg > 0, -1.0, jnp.maximum(inside, pos))[..., None]
+
+
+def _decode_box(variables, embedding, points, labels, low, boxes, box_present):
+    full = _box_or_balls(points, labels, boxes, box_present)
+    return full[:, ::4, ::4, ::4], full
+
+
+def _decode_echo(variables, embedding, points, labels, low):
+    # The mask prompt, nearest-upsampled, plus balls around positive clicks: shows what a chain started from.
+    echo = jnp.repeat(jnp.repeat(jnp.repeat(low, 4, axis=1), 4, axis=2), 4, axis=3)
+    balls = _decode_balls(variables, embedding, points, labels, low)[1]
+    full = jnp.maximum(echo, balls)
+    return full[:, ::4, ::4, ::4], full
+
+
+def box_decoder(max_clicks: int = 8) -> ObjectDecoder:
+    """A box-capable stand-in: positive inside the box prompt (0.25 + distance to its nearest face) and within 4
+    voxels of a positive click, negative within 2 voxels of a negative click."""
+    return ObjectDecoder({}, crop_size=S, low_res_size=S // 4, max_prompts=max_clicks, encode_fn=_encode_identity,
+                         decode_fn=_decode_balls, box_decode_fn=_decode_box)
+
+
+def echo_decoder(max_clicks: int = 8) -> ObjectDecoder:
+    """A stand-in whose prediction is its mask prompt (nearest-upsampled) united with balls around positive clicks."""
+    return ObjectDecoder({}, crop_size=S, low_res_size=S // 4, max_prompts=max_clicks, encode_fn=_encode_identity,
+                         decode_fn=_decode_echo)
