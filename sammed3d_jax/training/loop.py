@@ -105,6 +105,9 @@ def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         raise ValueError("this config fine-tunes a converted checkpoint: set --config.init_from=<params dir> "
                          "(python -m sammed3d_jax.convert CHECKPOINT OUT_DIR)")
     path = orbax_io.run_path(workdir)
+    if config.resume and not (path / orbax_io.CHECKPOINT_DIR).exists():  # Before anything is written.
+        raise FileNotFoundError(f"--resume: {path / orbax_io.CHECKPOINT_DIR} holds no checkpoint to resume from "
+                                "(check --workdir, or drop --resume to start a new run)")
     s = config.sharding
     mesh = parallel.make_mesh(tuple(tuple(a) for a in s.mesh), dcn_spec=tuple(tuple(a) for a in s.dcn_mesh),
                               granule=s.dcn_granule)
@@ -247,8 +250,11 @@ def train_steps(run: Run, state: Any, start: int, feed: data_feed.DataFeed, mana
                 timer.reset()
             elif validator is not None and step % config.validation.every_steps == 0:
                 writer.write_scalars(step, validator(state.params, state.buffers))
-            if _save(run, manager, step, state, metrics, feed, force=step == total and last_saved != step):
-                last_saved = step
+            try:
+                if _save(run, manager, step, state, metrics, feed, force=step == total and last_saved != step):
+                    last_saved = step
+            except OSError as err:  # Unwritable or full: stop now, with what could still be exported.
+                raise OSError(f"{err}; {_rescue_export(run, state, step)}") from err
             if step % config.plot_every_steps == 0:
                 writer.plot(run.workdir / "curves.png")
     finally:
@@ -275,6 +281,16 @@ def export_params(run: Run, state: Any, step: int) -> epath.Path:
     save_params(target, _host(state.variables), run.model_cfg,
                 {"source": "sammed3d_jax training", "workdir": str(run.workdir), "step": int(step)}, overwrite=True)
     return target
+
+
+def _rescue_export(run: Run, state: Any, step: int) -> str:
+    """After a failed checkpoint write: exports the params if possible; says what happened."""
+    if not run.config.export_params:
+        return "no params exported (export_params is off)"
+    try:
+        return f"params of step {step} exported to {export_params(run, state, step)}"
+    except Exception as err:  # pylint: disable=broad-except  # Report both failures in one line.
+        return f"the params could not be exported either ({' '.join(str(err).split())})"
 
 
 def _summary_line(run: Run, start: int, step: int, summary: dict, params: epath.Path | None, seconds: float) -> str:
@@ -342,7 +358,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
         manager.close()
         raise
     feed.close()
-    orbax_io.finish(manager)
+    try:
+        orbax_io.finish(manager)
+    except OSError as err:
+        raise OSError(f"{err}; {_rescue_export(run, state, step)}") from err
     writer.plot(run.workdir / "curves.png")
     params = None
     if config.export_params and step == run.total_steps:
