@@ -11,14 +11,13 @@ resume. On --resume the run's stored config is used, with any --config. override
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file (path[:arg]).",
-                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"), "Run directory (local or gs://...).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the checkpoints in --workdir.")
 _ALLOW_RECIPE_CHANGE = flags.DEFINE_bool("allow_recipe_change", False,
@@ -41,23 +40,33 @@ def _valid_keys(argv) -> list[str]:
         return []
 
 
-def _parse_flags(argv):
-    """absl's parsing with one-line errors (a misspelt --config. key lists the valid keys near it)."""
+def _report_flag_error(err: BaseException, argv) -> None:
+    """One line for a flag error (a misspelt --config. key lists the valid keys near it), then exit 2."""
     from sammed3d_jax import cli
     from sammed3d_jax.training import run_config
 
+    valid = _valid_keys(argv)
+    bad = next((a.split("=", 1)[0][len("--config."):] for a in argv[1:] if a.startswith("--config.") and
+                a.split("=", 1)[0][len("--config."):] not in valid), None)
+    if bad and valid:
+        cli.fail(f"unknown config key --config.{bad}; valid keys near it: "
+                 + ", ".join(f"--config.{k}" for k in run_config.near_keys(bad, valid)))
+    cli.fail(f"bad command line: {' '.join(str(err).split())}")
+
+
+def _parse_flags(argv):
+    """absl's parsing with one-line errors."""
     try:
         return flags.FLAGS(argv)
     except Exception as err:  # pylint: disable=broad-except  # absl and ml_collections raise many types here.
-        text = " ".join(str(err).split())
-        bad = next((a.split("=", 1)[0].lstrip("-") for a in argv[1:] if a.startswith("--config.") and
-                    a.split("=", 1)[0][len("--config."):] not in _valid_keys(argv)), None)
-        if bad:
-            key = bad[len("config."):]
-            near = run_config.near_keys(key, _valid_keys(argv))
-            cli.fail(f"unknown config key --config.{key}; valid keys near it: "
-                     + ", ".join(f"--config.{k}" for k in near))
-        cli.fail(f"bad command line: {text}")
+        _report_flag_error(err, argv)
+
+
+try:  # ml_collections parses the default config and the --config. overrides as soon as the flag is defined.
+    _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file (path[:arg]).",
+                                              lock_config=True)
+except Exception as _err:  # pylint: disable=broad-except
+    _report_flag_error(_err, sys.argv)
 
 
 def main(argv):

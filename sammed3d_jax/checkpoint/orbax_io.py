@@ -179,12 +179,33 @@ def restore_intact(manager: ocp.CheckpointManager, target: Any, is_intact: Calla
         else:
             if is_intact(state):
                 if problems:
-                    log.warning("skipped damaged checkpoints in %s (%s); resuming from step %d", manager.directory,
-                                "; ".join(problems), step)
+                    aside = _set_aside(manager, [s for s in steps if s > step])
+                    log.warning("skipped damaged checkpoints in %s (%s); moved them to %s; resuming from step %d",
+                                manager.directory, "; ".join(problems), aside, step)
                 return step, state, data
             problems.append(f"step {step}: holds non-finite values")
         log.warning("checkpoint %s", problems[-1])
     raise ValueError(f"no intact checkpoint in {manager.directory}: " + "; ".join(problems))
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> epath.Path:
+    """Moves damaged checkpoints to ``<workdir>/checkpoints_damaged/`` (kept for inspection, out of the way of the
+    steps the resumed run saves again); the primary process moves, every process waits for it."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    target = epath.Path(manager.directory).parent / "checkpoints_damaged"
+    if jax.process_index() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            source, dest = epath.Path(manager.directory) / str(step), target / str(step)
+            if dest.exists():
+                dest.rmtree()
+            source.rename(dest)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    manager.reload()
+    return target
 
 
 def save_model_config(workdir: str | os.PathLike, cfg: ModelConfig) -> epath.Path:

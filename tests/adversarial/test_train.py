@@ -44,6 +44,7 @@ def existing_run(tmp_path_factory, prepared):
 
 
 def _train(*args, cwd, env=None):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}  # One CPU device, as a laptop.
     return run_cli([str(REPO / "train.py"), *map(str, args)], cwd=cwd, env=env, timeout=300)
 
 

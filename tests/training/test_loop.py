@@ -158,6 +158,8 @@ def test_resume_skips_a_damaged_checkpoint_and_needs_one(tmp_path, prepared, ful
     with caplog.at_level(logging.WARNING):
         resumed = train_and_evaluate(_tiny_config(prepared, resume=True, export_params=False), str(copy))
     assert "step 6: holds non-finite values" in caplog.text and "resuming from step 3" in caplog.text
+    assert (copy / "checkpoints_damaged" / "6").is_dir()  # Kept for inspection; a new step 6 was saved.
+    assert sorted(os.listdir(copy / "checkpoints"), key=int) == ["3", "6"]
     for a, b in zip(_params(resumed), _params(full)):
         np.testing.assert_array_equal(a, b)
 
