@@ -31,7 +31,7 @@ def _cpu_seconds() -> float:
 
 def measure(prepared: pathlib.Path, worker_count: int, *, crop: int, batch: int, batches: int, warmup: int) -> dict:
     cpu0 = _cpu_seconds()
-    it = pipeline.build_train_iterator(str(prepared), crop_size=crop, batch_size=batch, seed=0,
+    it = pipeline.build_train_iterator(str(prepared), crop_size=crop, global_batch_size=batch, rows=range(batch), seed=0,
                                        worker_count=worker_count)
     try:
         for _ in range(warmup):  # process start-up and first page-cache reads are not throughput

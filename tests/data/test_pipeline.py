@@ -91,7 +91,7 @@ def _raw_crop(store, record_index, clip=False):
 
 
 def test_shapes_dtypes_and_eligibility(store):
-    it = pipeline.build_train_iterator(str(store), crop_size=CROP, batch_size=3, seed=0)
+    it = pipeline.build_train_iterator(str(store), crop_size=CROP, global_batch_size=3, rows=range(3), seed=0)
     batches = _take(it, 4)
     for b in batches:
         assert b["image"].shape == (3, CROP, CROP, CROP, 1) and b["image"].dtype == np.float32
@@ -102,14 +102,14 @@ def test_shapes_dtypes_and_eligibility(store):
         assert np.all(b["label"].reshape(3, -1).sum(1) > transforms.MIN_CROP_FOREGROUND)
     seen = set(np.concatenate([b["record"] for b in batches]).tolist())
     assert 2 not in seen and 4 not in seen  # the tiny target (filtered) and the sparse one (always redrawn)
-    with pytest.raises(ValueError, match="none of the 6 prepared targets"):
-        pipeline.build_train_dataset(str(store), crop_size=CROP, batch_size=1, seed=0, min_crop_foreground=10**6)
+    with pytest.raises(ValueError, match="none of the 6 prepared train targets"):
+        pipeline.build_train_dataset(str(store), crop_size=CROP, global_batch_size=1, rows=range(1), seed=0, min_crop_foreground=10**6)
     with pytest.raises(ValueError, match="normalization"):
-        pipeline.build_train_dataset(str(store), crop_size=CROP, batch_size=1, seed=0, normalization="global")
+        pipeline.build_train_dataset(str(store), crop_size=CROP, global_batch_size=1, rows=range(1), seed=0, normalization="global")
 
 
 def test_deterministic_whatever_worker_count_and_seeded(store):
-    kwargs = dict(crop_size=CROP, batch_size=2, seed=5)
+    kwargs = dict(crop_size=CROP, global_batch_size=2, rows=range(2), seed=5)
     serial = _take(pipeline.build_train_iterator(str(store), worker_count=0, **kwargs), 5)
     threaded = _take(pipeline.build_train_iterator(str(store), worker_count=0, read_threads=3, **kwargs), 5)
     workers = pipeline.build_train_iterator(str(store), worker_count=2, **kwargs)
@@ -124,7 +124,7 @@ def test_deterministic_whatever_worker_count_and_seeded(store):
 
 
 def test_state_round_trip_exact_and_worker_count_independent(store):
-    kwargs = dict(crop_size=CROP, batch_size=2, seed=1)
+    kwargs = dict(crop_size=CROP, global_batch_size=2, rows=range(2), seed=1)
     it = pipeline.build_train_iterator(str(store), **kwargs)
     _take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
@@ -138,8 +138,8 @@ def test_state_round_trip_exact_and_worker_count_independent(store):
         _same(expected, _take(restored_in_workers, 4))
     finally:
         restored_in_workers.close()
-    other = pipeline.build_train_iterator(str(store), **{**kwargs, "batch_size": 3})
-    with pytest.raises(ValueError, match="batch_size"):
+    other = pipeline.build_train_iterator(str(store), **{**kwargs, "global_batch_size": 3, "rows": range(3)})
+    with pytest.raises(ValueError, match="global_batch_size: saved 2, now 3"):
         other.set_state(state)
 
 
@@ -148,7 +148,7 @@ def test_grain_orbax_checkpoint_handler_round_trip(store, tmp_path):
     from etils import epath
     from grain.checkpoint import CheckpointHandler
 
-    kwargs = dict(crop_size=CROP, batch_size=2, seed=8)
+    kwargs = dict(crop_size=CROP, global_batch_size=2, rows=range(2), seed=8)
     it = pipeline.build_train_iterator(str(store), **kwargs)
     _take(it, 2)
     CheckpointHandler().save(epath.Path(tmp_path), item=it)
@@ -159,7 +159,7 @@ def test_grain_orbax_checkpoint_handler_round_trip(store, tmp_path):
 
 
 def test_per_volume_normalisation_matches_manual_stats(store):
-    it = pipeline.build_train_iterator(str(store), crop_size=CROP, batch_size=4, seed=2, flip_axes=())
+    it = pipeline.build_train_iterator(str(store), crop_size=CROP, global_batch_size=4, rows=range(4), seed=2, flip_axes=())
     for b in _take(it, 2):
         for image, rec_index in zip(b["image"][..., 0], b["record"]):
             raw, _ = _raw_crop(store, int(rec_index), clip=int(rec_index) == 5)
@@ -170,9 +170,9 @@ def test_per_volume_normalisation_matches_manual_stats(store):
 
 
 def test_batch_pooled_and_none_normalisation_and_ct_clip(store):
-    pooled = pipeline.build_train_iterator(str(store), crop_size=CROP, batch_size=4, seed=3, flip_axes=(),
+    pooled = pipeline.build_train_iterator(str(store), crop_size=CROP, global_batch_size=4, rows=range(4), seed=3, flip_axes=(),
                                            normalization="batch_pooled")
-    raw = pipeline.build_train_iterator(str(store), crop_size=CROP, batch_size=4, seed=3, flip_axes=(),
+    raw = pipeline.build_train_iterator(str(store), crop_size=CROP, global_batch_size=4, rows=range(4), seed=3, flip_axes=(),
                                         normalization="none")
     for p, r in zip(_take(pooled, 2), _take(raw, 2)):
         np.testing.assert_array_equal(p["record"], r["record"])
@@ -182,14 +182,14 @@ def test_batch_pooled_and_none_normalisation_and_ct_clip(store):
         np.testing.assert_allclose(p["image"][..., 0], (crops - values.mean()) / values.std(ddof=1), rtol=1e-5, atol=1e-5)
         ct = r["image"][r["record"] == 5]
         assert ct.size == 0 or (ct.min() >= -1000 and ct.max() <= 1000)
-    never = pipeline.build_train_iterator(str(store), crop_size=CROP, batch_size=6, seed=3, flip_axes=(),
+    never = pipeline.build_train_iterator(str(store), crop_size=CROP, global_batch_size=6, rows=range(6), seed=3, flip_axes=(),
                                           normalization="none", ct_clip="never")
     ct = np.concatenate([b["image"][b["record"] == 5] for b in _take(never, 3)])
     assert ct.size and (ct.min() < -1000 or ct.max() > 1000)
 
 
 def test_flips_hit_image_and_label_together(store):
-    it = pipeline.build_train_iterator(str(store), crop_size=CROP, batch_size=4, seed=4, normalization="none")
+    it = pipeline.build_train_iterator(str(store), crop_size=CROP, global_batch_size=4, rows=range(4), seed=4, normalization="none")
     used = []
     for b in _take(it, 3):
         for image, label, rec_index in zip(b["image"][..., 0], b["label"], b["record"]):
@@ -203,7 +203,7 @@ def test_flips_hit_image_and_label_together(store):
 
 
 def test_redraw_rule_is_deterministic_and_counted(store):
-    it = pipeline.build_train_iterator(str(store), crop_size=CROP, batch_size=5, seed=0)
+    it = pipeline.build_train_iterator(str(store), crop_size=CROP, global_batch_size=5, rows=range(5), seed=0)
     batches = _take(it, 6)
     redraws = np.concatenate([b["redraws"] for b in batches])
     assert redraws.sum() > 0  # the sparse record (1 in 5 draws) was drawn and replaced
@@ -222,21 +222,98 @@ def test_bad_record_skipped_and_counted_or_raises(store, tmp_path):
     make_store(broken)
     path = broken / "cases" / "b" / "image.npy"
     path.write_bytes(path.read_bytes()[:200])  # truncated
-    it = pipeline.build_train_iterator(str(broken), crop_size=CROP, batch_size=4, seed=0)
+    it = pipeline.build_train_iterator(str(broken), crop_size=CROP, global_batch_size=4, rows=range(4), seed=0)
     batches = _take(it, 4)
     assert sum(int(b["bad_skipped"].sum()) for b in batches) > 0
     assert not np.isin(3, np.concatenate([b["record"] for b in batches]))
-    strict = pipeline.build_train_iterator(str(broken), crop_size=CROP, batch_size=4, seed=0, on_bad_record="raise")
+    strict = pipeline.build_train_iterator(str(broken), crop_size=CROP, global_batch_size=4, rows=range(4), seed=0, on_bad_record="raise")
     with pytest.raises(RuntimeError, match="b/1"):
         _take(strict, 4)
 
 
-def test_sharding_partitions_the_global_stream(store):
-    kwargs = dict(crop_size=CROP, batch_size=1, seed=7, normalization="none")
-    whole = _take(pipeline.build_train_iterator(str(store), **kwargs), 6)
-    shards = [_take(pipeline.build_train_iterator(str(store), shard_index=i, shard_count=2, **kwargs), 3)
-              for i in range(2)]
-    _same(whole, [shards[j % 2][j // 2] for j in range(6)])
+def _split(batch_size, processes):
+    return [range(p * batch_size // processes, (p + 1) * batch_size // processes) for p in range(processes)]
+
+
+def _concat(per_process):
+    """Per-process lists of batches -> the global batches (rows concatenated in process order)."""
+    return [{k: np.concatenate([b[k] for b in batches]) for k in batches[0]} for batches in zip(*per_process)]
+
+
+def test_global_batch_is_the_same_for_any_process_split(store):
+    kwargs = dict(crop_size=CROP, global_batch_size=4, seed=7)
+    whole = _take(pipeline.build_train_iterator(str(store), rows=range(4), **kwargs), 4)
+    for b in whole:
+        assert b["element"].dtype == np.int64
+    np.testing.assert_array_equal(np.concatenate([b["element"] for b in whole]), np.arange(16))
+    for processes in (2, 4):
+        per_process = [_take(pipeline.build_train_iterator(str(store), rows=rows, **kwargs), 4)
+                       for rows in _split(4, processes)]
+        _same(whole, _concat(per_process))
+    # Interleaved rows are rows too: process 0 feeds global rows 0 and 2.
+    odd = _take(pipeline.build_train_iterator(str(store), rows=[0, 2], **kwargs), 4)
+    _same([{k: v[[0, 2]] for k, v in b.items()} for b in whole], odd)
+    with pytest.raises(ValueError, match="rows"):
+        pipeline.build_train_iterator(str(store), rows=[2, 1], **kwargs)
+    with pytest.raises(ValueError, match="rows"):
+        pipeline.build_train_iterator(str(store), rows=[4], **kwargs)
+
+
+def test_state_saved_with_one_split_restores_with_another(store):
+    kwargs = dict(crop_size=CROP, global_batch_size=4, seed=3)
+    uninterrupted = _take(pipeline.build_train_iterator(str(store), rows=range(4), **kwargs), 5)
+    two = [pipeline.build_train_iterator(str(store), rows=rows, **kwargs) for rows in _split(4, 2)]
+    for it in two:
+        _take(it, 2)
+    states = [json.loads(json.dumps(it.get_state())) for it in two]
+    assert states[0] == states[1] == {"next_batch": 2, "fingerprint": states[0]["fingerprint"]}
+    fingerprint = states[0]["fingerprint"]
+    assert not {"rows", "shard_index", "shard_count", "process_count", "worker_count"} & set(fingerprint)
+    assert fingerprint["global_batch_size"] == 4 and fingerprint["seed"] == 3
+    for processes in (1, 4):
+        resumed = []
+        for rows in _split(4, processes):
+            it = pipeline.build_train_iterator(str(store), rows=rows, **kwargs)
+            it.set_state(states[0])
+            resumed.append(_take(it, 3))
+        _same(uninterrupted[2:], _concat(resumed))
+
+
+def test_holdout_split_is_by_case_and_disjoint_from_training(tmp_path):
+    store = tmp_path / "many"
+    store.mkdir()
+    rng = np.random.default_rng(1)
+    records = []
+    shape = (24, 24, 24)
+    label = _ball(shape, (12, 12, 12), 6).astype(np.uint8) + _ball(shape, (4, 4, 4), 2).astype(np.uint8) * 2
+    for c in range(12):
+        image = rng.uniform(1.0, 10.0, shape)
+        records += [_record(store, f"case{c}", v, image, label) for v in (1, 2)]
+    cache.write_json(store / cache.INDEX_NAME, {"format": cache.FORMAT, "records": records, "skipped": []})
+    _, recs = cache.read_index(store)
+    kwargs = dict(crop_size=16, global_batch_size=4, seed=0, min_crop_foreground=10)
+    train = pipeline.build_train_iterator(str(store), rows=range(4), holdout_fraction=0.3, **kwargs)
+    train_cases = {recs[i].case for b in _take(train, 12) for i in b["record"]}
+    held = pipeline.holdout_batches(str(store), rows=range(4), holdout_fraction=0.3, global_batch_size=4,
+                                    crop_size=16, min_crop_foreground=10)
+    held_ids = [int(i) for b in held for i, v in zip(b["record"], b["valid"]) if v]
+    held_cases = {recs[i].case for i in held_ids}
+    expected = {r.case for r in recs if pipeline.case_fraction(r) < 0.3}
+    assert held_cases == expected and 0 < len(expected) < 12 and not held_cases & train_cases
+    # Every eligible holdout target exactly once (the tiny value-2 targets have <= 10 voxels in no record here).
+    assert sorted(held_ids) == [i for i, r in enumerate(recs) if r.case in expected and r.foreground_voxels > 10]
+    assert all(b["element"].dtype == np.int64 and b["valid"].dtype == bool for b in held)
+    stream = pipeline.build_train_iterator(str(store), rows=range(4), holdout_fraction=0.3, subset="holdout",
+                                           **kwargs)
+    assert {recs[i].case for b in _take(stream, 4) for i in b["record"]} <= expected
+    # Deterministic and split over processes like training; moving the store does not change the split.
+    again = pipeline.holdout_batches(str(store), rows=range(2, 4), holdout_fraction=0.3, global_batch_size=4,
+                                     crop_size=16, min_crop_foreground=10, max_batches=1)
+    _same([{k: v[2:] for k, v in held[0].items()}], again)
+    moved = tmp_path / "moved"
+    store.rename(moved)
+    _same(held, pipeline.holdout_batches(str(moved), rows=range(4), holdout_fraction=0.3, global_batch_size=4,
+                                         crop_size=16, min_crop_foreground=10))
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -115,7 +115,7 @@ def test_cli_and_training_batches_from_prepared_store(source, prepared, capsys):
     assert prepare.main([str(source), str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "3 cases (0 prepared now, 3 already done, 0 failed), 9 targets indexed, 0 skipped" in text
-    it = pipeline.build_train_iterator(str(out), crop_size=32, batch_size=2, seed=0, min_crop_foreground=50)
+    it = pipeline.build_train_iterator(str(out), crop_size=32, global_batch_size=2, rows=range(2), seed=0, min_crop_foreground=50)
     batch = next(it)
     assert batch["image"].shape == (2, 32, 32, 32, 1) and np.all(batch["label"].reshape(2, -1).sum(1) > 50)
     assert json.loads(json.dumps(it.get_state()))["next_batch"] == 1
