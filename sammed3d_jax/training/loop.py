@@ -235,7 +235,8 @@ def train_steps(run: Run, state: Any, start: int, feed: data_feed.DataFeed, mana
                         f"stopped at step {step - 1}: {skips} micro-batches in a row had non-finite gradients "
                         f"(updates skipped); nothing saved or exported, the checkpoints up to step {last_saved} are "
                         "kept; lower --config.optim.lr or set --config.optim.clip_grad_norm")
-                if stop:
+                if stop and step < total:  # (At the last step the run simply ends, with its final save.)
+                    writer.write_scalars(step, _summarise(pending) | timer.summary())  # The record up to the save.
                     _save(run, manager, step, state, metrics, feed, force=True)
                     orbax_io.finish(manager)
                     raise preemption.Preempted(_stopped_message(signals, step, run.workdir), signals.exit_status)

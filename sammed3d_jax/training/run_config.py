@@ -40,7 +40,8 @@ def step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
     return step_lib.StepConfig(
         max_clicks=c.max_clicks, min_clicks=c.min_clicks, random_insert=tuple(c.random_insert),
         prompt_less_last=c.prompt_less_last, accumulate_clicks=c.accumulate, stop_mask_gradient=c.stop_mask_gradient,
-        use_bce=config.loss.use_bce, click_threshold=c.threshold, remat_clicks=c.remat)
+        use_bce=config.loss.use_bce, click_threshold=c.threshold, remat_clicks=c.remat,
+        normalization=config.data.normalization)
 
 
 def validation_step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
@@ -48,7 +49,8 @@ def validation_step_config(config: ml_collections.ConfigDict) -> step_lib.StepCo
     steps, Dice of ``logits > 0`` (probability 0.5, as evaluation)."""
     return step_lib.StepConfig(max_clicks=config.validation.clicks, min_clicks=config.validation.clicks,
                                random_insert=(), prompt_less_last=False, accumulate_clicks=True,
-                               use_bce=config.loss.use_bce, click_threshold=0.0, remat_clicks=False)
+                               use_bce=config.loss.use_bce, click_threshold=0.0, remat_clicks=False,
+                               normalization=config.data.normalization)
 
 
 def optim_config(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optim.OptimConfig:

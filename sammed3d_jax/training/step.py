@@ -10,7 +10,8 @@ Randomness: the step-level draws (click count, the random prompt-less step) come
 the sample's global index in the data stream, so a sample gets the same clicks on any number of processes or devices
 and in any batch row. Where this differs from upstream is tabulated in ``docs/training_vs_upstream.md``.
 
-Must not import data/pipeline code or ml_collections; it imports the model, ``data.clicks`` (jnp only) and optax.
+Must not import data/pipeline code or ml_collections; it imports the model, ``data.clicks`` and ``data.augment``
+(jnp only) and optax.
 """
 
 import dataclasses
@@ -49,6 +50,8 @@ class StepConfig:
       use_bce: include BCE in the loss.
       click_threshold: logit threshold of the prediction from which clicks are drawn and Dice is measured.
       remat_clicks: rematerialise the scan body in the backward pass (memory: only the carry is stored per click).
+      normalization: z-normalisation of raw batches (``"per_volume"``, ``"batch_pooled"`` over the global batch,
+        ``"none"``), applied on device by :func:`model_input`.
     """
 
     max_clicks: int = 11
@@ -60,6 +63,7 @@ class StepConfig:
     use_bce: bool = True
     click_threshold: float = 0.5
     remat_clicks: bool = True
+    normalization: str = "per_volume"
 
     def __post_init__(self):
         if not 1 <= self.min_clicks <= self.max_clicks:
@@ -176,14 +180,27 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, n
                                      "prompt_less": prompt_less}
 
 
+def model_input(batch: Batch, normalization: str) -> tuple[Batch, jax.Array]:
+    """The model input of a batch: a raw batch from the host pipeline (crop windows with ``flip`` and ``ct_clip``
+    per row) is clipped, normalised and flipped here on the devices (``data.augment.finish_batch``, jnp only); a
+    batch without ``flip`` is already finished. Returns the batch and the number of degenerate rows (zeroed)."""
+    if "flip" not in batch:  # Static under jit: the batch's keys are part of its structure.
+        return batch, jnp.zeros((), jnp.int32)
+    from sammed3d_jax.data.augment import finish_batch  # pylint: disable=import-outside-toplevel
+
+    finished = finish_batch(batch, normalization=normalization)
+    return ({**batch, "image": finished["image"], "label": finished["label"]},
+            jnp.sum(finished["degenerate"], dtype=jnp.int32))
+
+
 def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model: Sam3D, optimizer: optim.Optimizer,
                cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
     """One micro-batch: interactive loss, gradients (averaged over the global batch), accumulated optimizer step.
 
     Args:
       state: the train state (donated when jitted by :func:`jit_train_step`).
-      batch: the global batch: ``image``, ``label``, ``element`` (int32 [b], each sample's global stream index) and
-        optionally ``stop`` (int32 [b], nonzero where the feeding process asks the run to stop).
+      batch: the global batch: ``image``, ``label``, ``element`` (int32 [b], each sample's global stream index),
+        ``flip`` and ``ct_clip`` when the host sent raw crops (see :func:`model_input`), and optionally ``stop`` (int32 [b], nonzero where the feeding process asks the run to stop).
       train_key: the run's ``train`` PRNG stream.
       model: the Sam3D module.
       optimizer: from :func:`optim.make_optimizer`.
@@ -196,6 +213,7 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model: 
     step_root, sample_root = jax.random.split(train_key)
     num_clicks, insert_at = draw_interaction(jax.random.fold_in(step_root, state.step), cfg)
     keys = sample_keys(sample_root, batch["element"])
+    batch, degenerate = model_input(batch, cfg.normalization)
     grad_fn = jax.value_and_grad(interactive_loss, has_aux=True)
     (loss, aux), grads = grad_fn(state.params, state.buffers, batch, keys, num_clicks, insert_at,
                                  model=model, cfg=cfg)
@@ -220,6 +238,7 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model: 
         "updates": optim.update_count(opt_state),
         "skipped_now": skipped_now,
         "skipped": new_state.skipped,
+        "degenerate_rows": degenerate,
         "stop": jnp.max(batch["stop"]).astype(jnp.int32) if "stop" in batch else jnp.zeros((), jnp.int32),
     }
     return new_state, metrics

@@ -38,6 +38,7 @@ def eval_step(params: Any, buffers: Any, batch: dict[str, jax.Array], eval_key: 
       ``{"dice_sum": f32 [clicks] (sum over valid samples), "count": f32 (valid samples)}``.
     """
     keys = step_lib.sample_keys(eval_key, batch["element"])
+    batch, _ = step_lib.model_input(batch, cfg.normalization)
     _, aux = step_lib.interactive_loss(params, buffers, batch, keys, jnp.int32(cfg.max_clicks), jnp.int32(-1),
                                        model=model, cfg=cfg)
     valid = batch["valid"].astype(jnp.float32)
