@@ -51,7 +51,7 @@ class Run:
 
 def _host(tree: Any) -> Any:
     """Host copy of replicated (or sharded) global arrays, on any number of processes."""
-    return multihost_utils.process_allgather(tree) if jax.process_count() > 1 else jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else jax.device_get(tree)
 
 
 @jax.jit
