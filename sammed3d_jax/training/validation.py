@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from sammed3d_jax import parallel
@@ -74,7 +75,9 @@ class Validator:
         """Mean Dice after the first and after the last click over the held-out samples."""
         total, count = np.zeros(self.clicks), 0.0
         for batch in self.batches:
-            out = jax.device_get(self._fn(params, buffers, batch, self.key))
+            out = self._fn(params, buffers, batch, self.key)
+            out = (multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1
+                   else jax.device_get(out))
             total += np.asarray(out["dice_sum"], np.float64)
             count += float(out["count"])
         if not count:
