@@ -8,6 +8,9 @@ import logging
 import os
 import pathlib
 import shutil
+import signal
+import threading
+import time
 
 import jax
 import numpy as np
@@ -122,6 +125,35 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(tmp_path, prepar
     last = json.loads((part / "resumes.jsonl").read_text().splitlines()[-1])
     assert last["changes"] == {"optim.lr": [0.0008, 0.0003]} and last["step"] == 6
     assert _digest(part / "config.json") == config_digest
+
+
+def test_ctrl_c_saves_at_the_current_step_and_resumes(tmp_path, prepared, full_run):
+    run, full = full_run
+    workdir = tmp_path / "ctrl_c"
+
+    def press_ctrl_c_after_step_2():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            metrics = workdir / "metrics.jsonl"
+            handler = signal.getsignal(signal.SIGINT)
+            if (metrics.exists() and '"step": 2' in metrics.read_text()
+                    and isinstance(getattr(handler, "__self__", None), preemption.StopSignals)):
+                os.kill(os.getpid(), signal.SIGINT)  # Only while the loop's handler is installed.
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=press_ctrl_c_after_step_2, daemon=True).start()
+    with pytest.raises(preemption.Preempted) as stopped:
+        train_and_evaluate(_tiny_config(prepared), str(workdir))
+    message = str(stopped.value)
+    assert stopped.value.exit_status == 130 and message.startswith("stopped by SIGINT at step ")
+    step = int(message.split(" at step ")[1].split(";")[0])
+    assert 2 < step < 6 and f"--workdir {workdir} --resume" in message
+    assert sorted(os.listdir(workdir / "checkpoints"), key=int)[-1] == str(step)
+    assert not (workdir / "params").exists()
+    resumed = train_and_evaluate(_tiny_config(prepared, resume=True), str(workdir))
+    for a, b in zip(_params(resumed), _params(full)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_finetune_start_from_exported_params(tmp_path, prepared, full_run):
