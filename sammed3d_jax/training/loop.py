@@ -369,4 +369,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
         params = export_params(run, state, step)
     if run.primary and step > start:
         print(_summary_line(run, start, step, summary, params, time.perf_counter() - t_start), flush=True)
+    if jax.process_count() > 1:  # Leave together: no process reaches JAX's shutdown barrier while others still work.
+        multihost_utils.sync_global_devices("run finished")
     return state
