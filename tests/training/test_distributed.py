@@ -126,8 +126,9 @@ def test_preempted_2x2_resumes_as_1x4_and_4x1_like_an_uninterrupted_run(tmp_path
     shutil.copytree(interrupted, copy)
     as_1x4 = Job(tmp_path, "1x4", 1, 4, [*flags, f"--workdir={interrupted}", "--resume"])
     as_4x1 = Job(tmp_path, "4x1", 4, 1, [*flags, f"--workdir={copy}", "--resume"])
-    for j in (ref, as_1x4, as_4x1):
-        _assert_ok(j, j.wait())
+    codes = [j.wait() for j in (ref, as_1x4, as_4x1)]  # Every job waited for (or killed) before any assertion.
+    for j, c in zip((ref, as_1x4, as_4x1), codes):
+        _assert_ok(j, c)
     assert f"resumed from step {stopped}" in as_1x4.output() and f"resumed from step {stopped}" in as_4x1.output()
     assert "1 process(es) x 4 local device(s)" in as_1x4.output()
     assert "4 process(es) x 1 local device(s)" in as_4x1.output()
