@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,7 +60,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def is_params_dir(directory: str | os.PathLike) -> bool:
     """True if ``directory`` looks like a converted params directory (has the JSON description)."""
-    return os.path.isfile(os.path.join(directory, METADATA_FILE))
+    from etils import epath
+
+    return (epath.Path(directory) / METADATA_FILE).is_file()
 
 
 def _to_numpy_f32(variables):
@@ -87,16 +88,26 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     Raises:
         ConversionError: the tree does not match ``cfg``. FileExistsError: the directory is in use.
     """
+    import jax
     import orbax.checkpoint as ocp
+    from etils import epath
+    from jax.experimental import multihost_utils
 
     check_variables(variables, cfg)
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists() and any(directory.iterdir()):
+    # epath: a gs:// folder stays a URL. Several processes (a multi-host training export): every one passes the
+    # same host arrays and joins Orbax's save; only the primary prepares the folder and writes the JSON.
+    text = os.fspath(directory)
+    directory = epath.Path(text) if "://" in text else epath.Path(text).absolute()
+    primary = jax.process_index() == 0
+    if primary and directory.exists() and any(directory.iterdir()):
         if not (overwrite and is_params_dir(directory)):
             raise FileExistsError(f"{directory}: exists and is not empty; choose a new directory"
                                   + ("" if overwrite else " (or overwrite an earlier conversion with --overwrite)"))
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+        directory.rmtree()
+    if primary:
+        directory.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("params directory ready")
     counts = count_parameters(variables)
     metadata = {
         "format": FORMAT,
@@ -110,7 +121,8 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     checkpointer.save(directory / PARAMS_SUBDIR, _to_numpy_f32(variables))
     checkpointer.wait_until_finished()
     checkpointer.close()
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+    if primary:
+        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
     return metadata
 
 
