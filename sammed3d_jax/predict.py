@@ -178,7 +178,7 @@ def predict_objects(model: ObjectDecoder | inference.Segmenter, image: np.ndarra
     infos = [session.info(oid) for oid in ids]
     for info in infos:
         if not info.windows:
-            raise ValueError("; ".join(info.notes))
+            raise ValueError(info.notes[-1])
     if len(ids) == 1:
         out = session.mask(ids[0])
         voxels = (int(out.sum()),)

@@ -253,6 +253,10 @@ class Session:
         o.actions.clear()
         o.result = None
 
+    def has_prompts(self, obj: int) -> bool:
+        """Whether the object has any prompt (point, box or mask)."""
+        return bool(self._object(obj).actions)
+
     def remove_object(self, obj: int) -> None:
         """Forgets the object."""
         self._object(obj)

@@ -135,8 +135,8 @@ class _Search:
 
         if not self.probs:
             reasons = "; ".join(self.notes) or "no window held a positive prompt"
-            return _empty_result(session, (f"{self.name}: no window around the prompts could be segmented: "
-                                           f"{reasons}",))
+            return _empty_result(session, tuple(self.notes) + (
+                f"{self.name}: no window around the prompts could be segmented: {reasons}",))
         shape, size = session.case.geom.shape, session.decoder.crop_size
         lo = np.min([[max(s, 0) for s in start] for start, _ in self.probs], axis=0)
         hi = np.max([[min(s + size, n) for s, n in zip(start, shape, strict=True)] for start, _ in self.probs],

@@ -24,26 +24,10 @@ import time
 from collections.abc import Sequence
 
 from sammed3d_jax import cli
+from sammed3d_jax.compile_cache import CACHE_ENV, default_cache_dir  # noqa: F401  (re-exported)
+from sammed3d_jax.compile_cache import enable as enable_compilation_cache
 
-CACHE_ENV = "SAMMED3D_JAX_CACHE"
 EXIT_SOME_FAILED = 1
-
-
-def default_cache_dir() -> str:
-    """``$SAMMED3D_JAX_CACHE``, else ``$XDG_CACHE_HOME/sammed3d_jax/jax``, else ``~/.cache/sammed3d_jax/jax``."""
-    if os.environ.get(CACHE_ENV):
-        return os.environ[CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "sammed3d_jax", "jax")
-
-
-def enable_compilation_cache(cache_dir: str) -> None:
-    """Points JAX's persistent compilation cache at ``cache_dir`` and caches every compiled program."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:

@@ -302,8 +302,9 @@ class ObjectDecoder:
             state = list(self._user(self.variables, emb, *state, jnp.asarray(counts), jnp.asarray(new_point),
                                     jnp.asarray(new_label), jnp.asarray(write), jnp.asarray(new_box),
                                     jnp.asarray(set_box), jnp.asarray(active)))
-            counts += write
-            decoded |= active
+            # New arrays, never in-place updates: jnp.asarray may alias host memory that a step still reads.
+            counts = counts + write.astype(np.int32)
+            decoded = decoded | active
         logits = np.asarray(state[5]) if decoded.any() else None
         out = []
         for r, chain in enumerate(chains):

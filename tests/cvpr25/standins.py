@@ -59,10 +59,11 @@ def box_logits(boxes):
     return 0.25 + jnp.min(jnp.minimum(g - lo, hi - g), axis=-1)
 
 
-def _decode_box(variables, embedding, points, labels, low, boxes):
-    # The box (box_logits) plus balls around positive clicks, minus balls around negative ones.
+def _decode_box(variables, embedding, points, labels, low, boxes, box_present):
+    # The box (box_logits, on rows that hold one) plus balls around positive clicks, minus balls around negative ones.
     pos, neg = _pos_neg(points, labels)
-    full = jnp.where(neg > 0, -1.0, jnp.maximum(box_logits(boxes), pos))[..., None]
+    box = jnp.where(box_present[:, None, None, None], box_logits(boxes), -1e3)
+    full = jnp.where(neg > 0, -1.0, jnp.maximum(box, pos))[..., None]
     return full[:, ::4, ::4, ::4], full
 
 
