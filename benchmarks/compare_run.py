@@ -113,10 +113,10 @@ class Runner:
             try:
                 if task == "encode":
                     args = (self.variables, inputs["volume"])
-                    compiled, cs, mib = js.compile_program(js.encode_fn(cfg), *args)
+                    compiled, cs, mib = js.compile_program(js.encode_fn(cfg), cfg, *args)
                 else:
                     args = (self.variables, inputs["volume"], inputs["points"], inputs["labels"], inputs["low0"])
-                    compiled, cs, mib = js.compile_program(js.inference_fn(cfg), *args)
+                    compiled, cs, mib = js.compile_program(js.inference_fn(cfg), cfg, *args)
                 return compiled, args, cs, mib, attention
             except Exception as e:  # e.g. a cuDNN shape restriction
                 if attention == "xla":

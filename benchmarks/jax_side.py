@@ -41,11 +41,16 @@ def with_precision(cfg: ModelConfig, variant: str, attention: str = "auto") -> M
     return cfg.replace(dtype=PRECISIONS[variant], attention_impl=attention)
 
 
-def compile_program(fn: Callable, *args) -> tuple[Any, float, float]:
+def matmul_precision(cfg: ModelConfig):
+    """Strict float32 matmuls and convolutions (no TF32) for float32 programs; the default for the others."""
+    return jax.default_matmul_precision("float32" if cfg.dtype == "float32" else None)
+
+
+def compile_program(fn: Callable, cfg: ModelConfig, *args) -> tuple[Any, float, float]:
     """``(compiled, compile seconds, program MiB)`` for ``jax.jit(fn)`` on ``args``; program memory is XLA's
     arguments + outputs + temporaries - donated aliases (NaN where the backend does not say)."""
     t0 = time.perf_counter()
-    with jax.default_matmul_precision("float32"):  # float32 programs stay float32 (no TF32); bf16 ones are bf16
+    with matmul_precision(cfg):
         compiled = jax.jit(fn).lower(*args).compile()
     seconds = time.perf_counter() - t0
     return compiled, seconds, program_mib(compiled)
@@ -146,7 +151,8 @@ def time_train(cfg: ModelConfig, variables, image, label, clicks: int, warmup: i
     through the calls and donated each time). Peak memory as :func:`measure`."""
     step, state, batch, key = make_train_step(cfg, variables, image, label, clicks)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch, key).compile()
+    with matmul_precision(cfg):
+        compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t0
     prog = program_mib(compiled)
     holder = {"state": state}
