@@ -167,19 +167,35 @@ def box_target(batch: int, size: int) -> np.ndarray:
 
 
 # Timing -------------------------------------------------------------------------------------------------------------
-def time_calls(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, repeats: int) -> list[float]:
+def time_calls(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, repeats: int,
+               cpu_times: list[float] | None = None) -> list[float]:
     """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones; ``sync(result)`` must block
-    until the call's work is done (asynchronous devices)."""
+    until the call's work is done (asynchronous devices). ``cpu_times`` receives each call's process CPU seconds
+    (all threads), a figure less sensitive than wall time to other jobs on a shared CPU."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     for _ in range(warmup):
         sync(fn())
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
     return times
+
+
+def measure_cpu(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, repeats: int,
+                resident_bytes: int) -> "Measurement":
+    """A CPU measurement, the same for both frameworks: median wall and process-CPU seconds per call, and peak memory
+    = the resident-set rise during the calls (:class:`RssSampler`) + ``resident_bytes`` already resident before them
+    (weights, inputs, gradients, optimizer state)."""
+    cpu: list[float] = []
+    with RssSampler() as rss:
+        times = time_calls(fn, sync, warmup, repeats, cpu_times=cpu)
+    return Measurement(seconds=statistics.median(times), cpu_seconds=statistics.median(cpu),
+                       peak_mib=(rss.peak_bytes + resident_bytes) / 2 ** 20, times=times)
 
 
 def malloc_trim() -> bool:
@@ -201,7 +217,7 @@ class RssSampler:
     the block's working memory. ``peak_bytes`` is NaN where ``/proc`` is unavailable.
     """
 
-    def __init__(self, interval_s: float = 0.002, trim: bool = True):
+    def __init__(self, interval_s: float = 0.005, trim: bool = True):
         self.interval_s, self.trim = interval_s, trim
         self.baseline_bytes = float("nan")
         self.peak_bytes = float("nan")
@@ -251,6 +267,7 @@ class Measurement:
     """One framework's numbers for one row: median seconds per call, peak memory (MiB), or why there are none."""
 
     seconds: float | None = None
+    cpu_seconds: float | None = None  # process CPU time per call (CPU runs only)
     peak_mib: float | None = None
     compile_s: float | None = None
     program_mib: float | None = None  # XLA's arguments + outputs + temporaries of the program (our side)
@@ -312,17 +329,30 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def encode_ratio(rows: Sequence[Row]) -> float | None:
-    """PyTorch/JAX time of the float32 encoder at the smallest batch measured (None if not measured)."""
+def _encode_row(rows: Sequence[Row]) -> Row | None:
     cands = [r for r in rows if r.task == "encode" and r.torch_variant == "fp32" and r.jax_variant == "fp32"
              and r.ratio is not None]
-    return min(cands, key=lambda r: r.batch).ratio if cands else None
+    return min(cands, key=lambda r: r.batch) if cands else None
+
+
+def encode_ratio(rows: Sequence[Row]) -> float | None:
+    """PyTorch/JAX time of the float32 encoder at the smallest batch measured (None if not measured)."""
+    row = _encode_row(rows)
+    return row.ratio if row else None
 
 
 def ratio_line(rows: Sequence[Row]) -> str:
     """``ratio torch/jax encode: N.NNx`` (float32, smallest batch), or says it was not measured."""
     r = encode_ratio(rows)
     return f"ratio torch/jax encode: {r:.2f}x" if r is not None else "ratio torch/jax encode: not measured"
+
+
+def cpu_ratio_line(rows: Sequence[Row]) -> str | None:
+    """The same ratio in process CPU seconds (CPU runs), or None where not measured."""
+    row = _encode_row(rows)
+    if row is None or not row.torch.cpu_seconds or not row.jax.cpu_seconds:
+        return None
+    return f"ratio torch/jax encode, process CPU time: {row.torch.cpu_seconds / row.jax.cpu_seconds:.2f}x"
 
 
 def rows_to_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
@@ -332,7 +362,7 @@ def rows_to_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
         d = {"task": r.task, "batch": r.batch, "torch_variant": r.torch_variant, "jax_variant": r.jax_variant,
              "ratio_torch_over_jax": r.ratio}
         for side, m in (("torch", r.torch), ("jax", r.jax)):
-            d[side] = {"seconds": m.seconds, "samples_per_s": r.batch / m.seconds if m.ok and m.seconds else None,
+            d[side] = {"seconds": m.seconds, "cpu_seconds": m.cpu_seconds, "samples_per_s": r.batch / m.seconds if m.ok and m.seconds else None,
                        "peak_mib": m.peak_mib, "compile_s": m.compile_s, "program_mib": m.program_mib,
                        "times": m.times, "note": m.note}
         out.append(d)

@@ -25,14 +25,13 @@ BENCHMARKS.md with the machine.
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-
-import numpy as np
 
 from sammed3d_jax import cli
 
@@ -173,37 +172,44 @@ def main(argv=None) -> int:
             config = os.path.join(work, "config.json")
             with open(config, "w") as f:
                 json.dump(ModelConfig(**cfg_kwargs).to_dict(), f)
-        params_dir = os.path.join(work, "converted")
-        if os.path.exists(params_dir):
-            import shutil
-            shutil.rmtree(params_dir)
-        variables, cfg = jax_side.convert_checkpoint(pth, params_dir, config)
+        # A rerun with the same --workdir replaces its earlier conversion (the converter refuses any other folder).
+        variables, cfg = jax_side.convert_checkpoint(pth, os.path.join(work, "converted"), config)
         variables = jax.device_put(variables, jax.devices()[0])
         del weights
         run = compare_run.Runner(ts, jax_side, model, tdev, variables, cfg, mode, args.seed)
         parity_rows, parity_ok = ([], True)
         if "parity" in parts:
             parity_rows, parity_ok = run.parity(PARITY_CLICKS)
-        rows = run.timings(parts)
+        save = functools.partial(_save_json, args.json, machine, mode, args.model, parity_rows)
+        rows = run.timings(parts, on_row=save if args.json else None)
 
     print("\n" + cc.format_table(rows))
     print(cc.ratio_line(rows), flush=True)
+    if cc.cpu_ratio_line(rows):
+        print(cc.cpu_ratio_line(rows), flush=True)
     failed = [f"{r.task} b{r.batch} {side}" for r in rows for side, m in (("PyTorch", r.torch), ("JAX", r.jax))
               if not m.ok and "compile" not in (r.torch_variant if side == "PyTorch" else r.jax_variant)]
     if args.json:
-        machine["load_average_end"] = os.getloadavg()[0]
-        record = {"machine": machine, "mode": dataclasses.asdict(mode), "model": args.model,
-                  "parity": [dict(name=r.name, shape=list(r.shape), max_abs_err=r.max_abs_err, rtol=r.rtol,
-                                  atol=r.atol, ok=r.ok) for r in parity_rows],
-                  "timings": cc.rows_to_json(rows), "ratio_torch_over_jax_encode": cc.encode_ratio(rows),
-                  "failed": failed}
-        from etils import epath
-        epath.Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        save(rows, failed=failed, complete=True)
     if failed:
         print(f"FAILED measurements: {', '.join(failed)}")
     if not parity_ok:
         print("FAILED: parity out of tolerance")
     return 0 if parity_ok and not failed else 1
+
+
+def _save_json(path, machine, mode, model, parity_rows, rows, failed=(), complete=False) -> None:
+    """Writes everything measured so far (called after every timing row, so a time limit loses little)."""
+    import compare_common as cc
+    from etils import epath
+
+    record = {"machine": {**machine, "load_average_now": os.getloadavg()[0]}, "mode": dataclasses.asdict(mode),
+              "model": model, "complete": complete,
+              "parity": [dict(name=r.name, shape=list(r.shape), max_abs_err=r.max_abs_err, rtol=r.rtol, atol=r.atol,
+                              ok=r.ok) for r in parity_rows],
+              "timings": cc.rows_to_json(rows), "ratio_torch_over_jax_encode": cc.encode_ratio(rows),
+              "failed": list(failed)}
+    epath.Path(path).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -96,13 +96,24 @@ class Runner:
         return rows, ok
 
     # Timings ----------------------------------------------------------------------------------------------------
-    def timings(self, parts) -> list[cc.Row]:
+    def timings(self, parts, on_row=None) -> list[cc.Row]:
+        """Every timing row; ``on_row(rows)`` after each one (the caller saves partial results). ``torch.compile``
+        rows come last: compiling takes minutes, and a time limit then cuts only them."""
         rows = []
+
+        def add(row):
+            rows.append(row)
+            print("  " + cc.format_table([row]).splitlines()[-1], flush=True)
+            if on_row is not None:
+                on_row(rows)
+
         tasks = [t for t in ("encode", "inference") if t in parts]
         if tasks:
-            rows += self._inference_rows(tasks)
+            self._inference_rows(tasks, [v for v in self.mode.variants], self.mode.batches, add)
         if "train" in parts:
-            rows += self._train_rows()
+            self._train_rows(add)
+        if tasks and self.mode.compile:  # one compiled shape (the first batch): each new shape compiles again
+            self._inference_rows(tasks, [("fp32+compile", "fp32")], self.mode.batches[:1], add)
         return rows
 
     def _jax_program(self, task: str, variant: str, batch: int, inputs: dict):
@@ -171,15 +182,12 @@ class Runner:
         finally:
             ts.free(self.device)
 
-    def _inference_rows(self, tasks) -> list[cc.Row]:
+    def _inference_rows(self, tasks, variants, batches, add) -> None:
         import torch
 
-        s, g4, rows = self.size, self.cfg.low_res_size, []
+        s, g4 = self.size, self.cfg.low_res_size
         compiled_fns = {}
-        for batch in self.mode.batches:
-            variants = list(self.mode.variants)
-            if self.mode.compile and batch == self.mode.batches[0]:  # one compiled shape: compiling costs minutes
-                variants.append(("fp32+compile", "fp32"))
+        for batch in batches:
             rng = np.random.default_rng(self.seed + 10 + batch)
             vol = rng.standard_normal((batch, s, s, s)).astype(np.float32)
             pts = np.full((batch, 1, 3), s // 2, np.float32)
@@ -195,20 +203,18 @@ class Runner:
                 for tv, jv in variants:
                     print(f"timing {task}, batch {batch}: PyTorch {tv} vs JAX {jv} ...", flush=True)
                     mt = self._measure_torch(task, tv, inputs, compiled_fns)
-                    if (task, jv) not in jax_cache:
+                    if (task, jv) not in jax_cache:  # one JAX measurement serves every PyTorch variant
                         jax_cache[(task, jv)] = self._measure_jax(task, jv, batch, inputs)
-                    rows.append(cc.Row(task, batch, tv, jv, mt, jax_cache[(task, jv)]))
-                    print("  " + cc.format_table(rows[-1:]).splitlines()[-1], flush=True)
+                    add(cc.Row(task, batch, tv, jv, mt, jax_cache[(task, jv)]))
             del inputs
             gc.collect()
-        return rows
 
-    def _train_rows(self) -> list[cc.Row]:
+    def _train_rows(self, add) -> None:
         import torch
 
         ts, js, s, mode = self.ts, self.js, self.size, self.mode
         tv, jv = mode.train_variant
-        b, rows = mode.train_batch, []
+        b = mode.train_batch
         rng = np.random.default_rng(self.seed + 100)
         image = rng.standard_normal((b, s, s, s)).astype(np.float32)
         label = cc.box_target(b, s)
@@ -245,6 +251,4 @@ class Runner:
                     traceback.print_exc()
                     mj = _failure(e)
             gc.collect()
-            rows.append(cc.Row(task, b, tv, jv, mt, mj))
-            print("  " + cc.format_table(rows[-1:]).splitlines()[-1], flush=True)
-        return rows
+            add(cc.Row(task, b, tv, jv, mt, mj))

@@ -28,8 +28,9 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def convert_checkpoint(pth: str, out_dir: str, config: str) -> tuple[dict[str, Any], ModelConfig]:
-    """Runs the converter CLI on ``pth`` into ``out_dir`` and loads the result; raises if the CLI fails."""
-    status = convert.main([pth, out_dir, "--config", config])
+    """Runs the converter CLI on ``pth`` into ``out_dir`` (replacing an earlier conversion there) and loads the
+    result; raises if the CLI fails."""
+    status = convert.main([pth, out_dir, "--config", config, "--overwrite"])
     if status:
         raise RuntimeError(f"python -m sammed3d_jax.convert {pth} {out_dir} exited with status {status}")
     variables, cfg, _ = load_params(out_dir)
@@ -93,17 +94,15 @@ def inference_fn(cfg: ModelConfig) -> Callable:
 
 def measure(compiled, args: tuple, warmup: int, repeats: int, device_kind: str, resident_bytes: int,
             compile_s: float, prog_mib: float) -> cc.Measurement:
-    """Median seconds of ``compiled(*args)`` and its peak memory: XLA's program memory on accelerators, the
-    process's resident-set rise plus ``resident_bytes`` on CPU (as the PyTorch side measures it)."""
+    """Median seconds of ``compiled(*args)`` and its peak memory: XLA's program memory on accelerators, on CPU the
+    measurement both sides share (``compare_common.measure_cpu``)."""
     if device_kind == "cpu":
-        with cc.RssSampler() as rss:
-            times = cc.time_calls(lambda: compiled(*args), jax.block_until_ready, warmup, repeats)
-        peak = (rss.peak_bytes + resident_bytes) / 2 ** 20
+        m = cc.measure_cpu(lambda: compiled(*args), jax.block_until_ready, warmup, repeats, resident_bytes)
     else:
         times = cc.time_calls(lambda: compiled(*args), jax.block_until_ready, warmup, repeats)
-        peak = prog_mib
-    return cc.Measurement(seconds=float(np.median(times)), peak_mib=peak, compile_s=compile_s, program_mib=prog_mib,
-                          times=times)
+        m = cc.Measurement(seconds=float(np.median(times)), peak_mib=prog_mib, times=times)
+    m.compile_s, m.program_mib = compile_s, prog_mib
+    return m
 
 
 def tree_bytes(*trees) -> int:
@@ -154,26 +153,18 @@ def time_train(cfg: ModelConfig, variables, image, label, clicks: int, warmup: i
     with matmul_precision(cfg):
         compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t0
-    prog = program_mib(compiled)
     holder = {"state": state}
 
     def call():
         holder["state"], metrics = compiled(holder["state"], batch, key)
         return metrics["loss"]
 
-    resident = tree_bytes(state, batch)
-    if jax.devices()[0].platform == "cpu":
-        with cc.RssSampler() as rss:
-            times = cc.time_calls(call, jax.block_until_ready, warmup, steps)
-        peak = (rss.peak_bytes + resident) / 2 ** 20
-    else:
-        times = cc.time_calls(call, jax.block_until_ready, warmup, steps)
-        peak = prog
+    m = measure(call, (), warmup, steps, jax.devices()[0].platform, tree_bytes(state, batch), compile_s,
+                program_mib(compiled))
     loss = float(call())
     if not np.isfinite(loss):
         return cc.Measurement(note=f"non-finite loss {loss}")
-    return cc.Measurement(seconds=float(np.median(times)), peak_mib=peak, compile_s=compile_s, program_mib=prog,
-                          times=times)
+    return m
 
 
 def click_ops(cfg: ModelConfig, variables, next_click, embedding=None) -> cc.ClickOps:

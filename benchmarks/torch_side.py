@@ -219,22 +219,16 @@ class Trainer:
 
 
 def measure(fn, device: torch.device, warmup: int, repeats: int, resident_bytes: int) -> cc.Measurement:
-    """Median seconds and peak memory of ``fn()``.
-
-    Peak memory: on CUDA the caching allocator's peak during the calls (weights, inputs, activations, gradients);
-    on CPU the process's resident-set rise during the calls plus ``resident_bytes`` (what was already resident:
-    weights, inputs, gradients, optimizer state).
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        times = cc.time_calls(fn, sync(device), warmup, repeats)
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    else:
-        with cc.RssSampler() as rss:
-            times = cc.time_calls(fn, sync(device), warmup, repeats)
-        peak = (rss.peak_bytes + resident_bytes) / 2 ** 20
+    """Median seconds and peak memory of ``fn()``: on CUDA the caching allocator's peak during the calls (weights,
+    inputs, activations, gradients, optimizer state), on CPU the measurement both sides share
+    (``compare_common.measure_cpu``; ``resident_bytes`` is what was resident before the calls)."""
+    if device.type != "cuda":
+        return cc.measure_cpu(fn, sync(device), warmup, repeats, resident_bytes)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    times = cc.time_calls(fn, sync(device), warmup, repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return cc.Measurement(seconds=float(np.median(times)), peak_mib=peak, times=times)
 
 

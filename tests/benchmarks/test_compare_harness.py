@@ -101,6 +101,7 @@ def test_interaction_bookkeeping_with_recording_ops():
         cc.interaction(ops, np.zeros(1), None, ())
 
 
+@pytest.mark.slow
 def test_click_loop_equals_our_train_step():
     """The loop the PyTorch side runs, driven by our model and the train step's click keys, reproduces
     ``training.step.interactive_loss`` click by click: both sides of the comparison train the same thing."""
@@ -168,6 +169,18 @@ def test_time_calls_counts_and_syncs():
                     "call", ("sync", 9)]
     with pytest.raises(ValueError):
         cc.time_calls(lambda: None, lambda r: None, warmup=0, repeats=0)
+    cpu = []
+    burn = lambda: sum(i * i for i in range(200_000))  # noqa: E731
+    wall = cc.time_calls(burn, lambda r: None, warmup=0, repeats=2, cpu_times=cpu)
+    assert len(cpu) == 2 and all(0 < c <= 4 * w + 0.05 for c, w in zip(cpu, wall))
+
+
+def test_measure_cpu_reports_time_cpu_and_memory():
+    m = cc.measure_cpu(lambda: np.ones(32 * 2 ** 20 // 8).sum(), lambda r: None, warmup=1, repeats=3,
+                       resident_bytes=10 * 2 ** 20)
+    assert m.ok and len(m.times) == 3 and m.seconds == sorted(m.times)[1]
+    assert m.cpu_seconds is not None and m.cpu_seconds > 0
+    assert m.peak_mib >= 10  # what was resident counts even if the sampler missed the short allocation
 
 
 def test_rss_sampler_sees_a_large_allocation():
@@ -204,6 +217,9 @@ def test_table_ratio_line_and_json():
     assert table[5].endswith("| 30.00 | 600.00 | 65,000 | 7,000 | 20.00x |")
     assert cc.ratio_line(rows) == "ratio torch/jax encode: 20.00x"  # batch 1, not batch 8's 8x
     assert cc.ratio_line(rows[2:]) == "ratio torch/jax encode: not measured"
+    assert cc.cpu_ratio_line(rows) is None  # no CPU times measured (accelerator rows)
+    rows[0].torch.cpu_seconds, rows[0].jax.cpu_seconds = 3.0, 0.2
+    assert cc.cpu_ratio_line(rows) == "ratio torch/jax encode, process CPU time: 15.00x"
     data = json.loads(json.dumps(cc.rows_to_json(rows)))
     assert data[0]["ratio_torch_over_jax"] == 20.0 and data[0]["jax"]["samples_per_s"] == 10.0
     assert data[2]["jax"]["seconds"] is None and data[2]["jax"]["note"] == "cuDNN refused the shape"
