@@ -77,6 +77,8 @@ def parse_args(argv):
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--quick", action="store_true", help="CPU: batch 1, float32, one timed call, train with 1 click")
     p.add_argument("--model", choices=sorted(MODELS), default="vit_b_ori")
+    p.add_argument("--mode", choices=sorted(MODES),
+                   help="settings of another mode, e.g. a CPU dry run of the gpu settings with --model small")
     p.add_argument("--parts", default="parity,encode,inference,train",
                    help="comma-separated subset of parity,encode,inference,train")
     p.add_argument("--batches", type=int, nargs="+", help="override the mode's inference batch sizes")
@@ -98,7 +100,7 @@ def parse_args(argv):
         raise cli.UsageError(f"--parts: unknown {sorted(unknown)}")
     if args.quick and args.device != "cpu":
         raise cli.UsageError("--quick is the CPU mode; drop it with --device gpu")
-    base = MODES["cpu-quick" if args.quick else args.device]
+    base = MODES[args.mode or ("cpu-quick" if args.quick else args.device)]
     mode = dataclasses.replace(
         base, batches=tuple(args.batches or base.batches), repeats=args.repeats or base.repeats,
         train_batch=args.train_batch or base.train_batch, clicks=tuple(args.clicks or base.clicks),
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     print(f"device {machine['device']} / {machine['jax_device']}; torch {machine['torch']} "
           f"({machine['torch_threads']} threads), jax {machine['jax']}; {os.cpu_count()} CPUs, load average "
           f"{machine['load_average_start']:.1f}; model {args.model}; mode "
-          f"{'cpu-quick' if args.quick else args.device}", flush=True)
+          f"{args.mode or ('cpu-quick' if args.quick else args.device)}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="compare_pytorch_") as tmp:
         work = args.workdir or tmp

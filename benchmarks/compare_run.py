@@ -42,6 +42,7 @@ class Runner:
         self.variables, self.cfg, self.mode, self.seed = variables, cfg, mode, seed
         self.platform = jax.devices()[0].platform
         self.size = cfg.image_size
+        self._jax_rows = {}  # (task, JAX variant, batch) -> Measurement: one JAX measurement serves every PyTorch row
 
     # Parity -----------------------------------------------------------------------------------------------------
     def parity(self, clicks: int):
@@ -198,14 +199,14 @@ class Runner:
                       "labels": jnp.asarray(lab, jnp.int32), "low0": jnp.asarray(low0[..., None]),
                       "t_volume": torch.from_numpy(vol[:, None]).to(dev), "t_points": torch.from_numpy(pts).to(dev),
                       "t_labels": torch.from_numpy(lab).to(dev), "t_low0": torch.from_numpy(low0[:, None]).to(dev)}
-            jax_cache = {}
             for task in tasks:
                 for tv, jv in variants:
                     print(f"timing {task}, batch {batch}: PyTorch {tv} vs JAX {jv} ...", flush=True)
                     mt = self._measure_torch(task, tv, inputs, compiled_fns)
-                    if (task, jv) not in jax_cache:  # one JAX measurement serves every PyTorch variant
-                        jax_cache[(task, jv)] = self._measure_jax(task, jv, batch, inputs)
-                    add(cc.Row(task, batch, tv, jv, mt, jax_cache[(task, jv)]))
+                    key = (task, jv, batch)
+                    if key not in self._jax_rows:
+                        self._jax_rows[key] = self._measure_jax(task, jv, batch, inputs)
+                    add(cc.Row(task, batch, tv, jv, mt, self._jax_rows[key]))
             del inputs
             gc.collect()
 
