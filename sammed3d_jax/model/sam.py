@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from sammed3d_jax.model import initialization
 from sammed3d_jax.model.attention import EncoderAttention
 from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.model.image_encoder import ImageEncoder
@@ -80,29 +81,30 @@ class Sam3D(nn.Module):
 
 
 def init_variables(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Fresh variables ``{"params", "buffers"}`` with upstream's from-scratch initialisation.
+    """Fresh variables ``{"params", "buffers"}`` with upstream's from-scratch initialisation (PyTorch defaults).
 
-    Compiled as one program, and the per-parameter keys are derived with the ``unsafe_rbg`` generator seeded from
-    ``key``: with threefry, compiling ~200 key derivations and draws takes tens of seconds on a CPU (4x longer),
-    and initial values need no cryptographic-quality splitting. Deterministic for a given ``key``. Works under
-    ``jax.eval_shape`` (no memory) and inside a caller's ``jax.jit`` (e.g. with ``out_shardings``).
+    The same ``key`` gives the same weights on every platform (threefry draws per leaf, folded in by path; see
+    ``model/initialization.py``), eagerly or under the caller's ``jax.jit`` (e.g. with ``out_shardings`` to create
+    the state already placed). Works under ``jax.eval_shape`` too.
+
+    Args:
+        cfg: the model configuration.
+        key: a PRNG key (``jax.random.key(seed)``; a legacy uint32 key is accepted).
+
+    Returns:
+        ``{"params": ..., "buffers": ...}``, leaves of ``cfg.param_dtype``.
     """
-    return _init_variables_jit(cfg, key)
+    return initialization.draw(_init_plan(cfg), key)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_variables_jit(cfg: ModelConfig, key: jax.Array) -> dict:
-    data = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
-    key = jax.random.wrap_key_data(jnp.resize(data, (4,)), impl="unsafe_rbg")
+@functools.lru_cache(maxsize=16)
+def _init_plan(cfg: ModelConfig) -> initialization.InitPlan:
     s, g4 = cfg.image_size, cfg.low_res_size
-    volume = jnp.zeros((1, s, s, s, cfg.in_chans), jnp.float32)
-    points = jnp.zeros((1, 1, 3), jnp.float32)
-    labels = jnp.ones((1, 1), jnp.int32)
-    mask = jnp.zeros((1, g4, g4, g4, 1), jnp.float32)
-    # The init trace only needs shapes: use the portable attention path whatever the config asks for.
-    variables = Sam3D(cfg.replace(attention_impl="xla")).init(key, volume, points, labels, mask,
-                                                             method=Sam3D._init_all)
-    return {"params": variables["params"], "buffers": variables["buffers"]}
+    args = (jax.ShapeDtypeStruct((1, s, s, s, cfg.in_chans), jnp.float32), jax.ShapeDtypeStruct((1, 1, 3), jnp.float32),
+            jax.ShapeDtypeStruct((1, 1), jnp.int32), jax.ShapeDtypeStruct((1, g4, g4, g4, 1), jnp.float32))
+    # Only the tree matters here: the portable attention path, no rematerialisation wrapper.
+    model = Sam3D(cfg.replace(attention_impl="xla", remat_encoder_blocks=False))
+    return initialization.make_plan(model, Sam3D._init_all, *args)
 
 
 def upsample_logits(low_res_logits: Float[Array, "b x y z m"], size: int) -> Float[Array, "b s0 s1 s2 m"]:
