@@ -4,15 +4,17 @@
     python benchmarks/bf16_error.py --json out.json
 
 For one windowed attention block with the released geometry and weights at realistic scales, prints the relative
-error (max and RMS of |y − y32|, over max and RMS of |y32|) of each bfloat16 computation against the float32
-naive padded formulation:
+error (max and RMS of |y − y32|, over max and RMS of |y32|) of each reduced-precision computation:
 
-- ``naive bf16`` / ``naive fp16``: upstream's padded formulation under autocast (projections, logits and rel-pos
-  terms in half precision, softmax in float32), i.e. upstream's own mixed-precision path: the budget;
-- ``ours xla``: the exact unpadded attention, float32 logits/bias/softmax;
-- ``ours cudnn construction``: the inputs the fused cuDNN kernel gets (bias in bf16, padded keys as two split
-  log-mass columns), run through XLA's implementation of the same call;
-- ``cast log-mass (before)``: the earlier construction that cast the whole padded-key logit to bf16.
+- ``block:`` the whole attention block (qkv, attention, proj) against the float32 naive padded formulation.
+  ``naive bf16`` / ``naive fp16`` is upstream's padded formulation under autocast rules (projections, logits and
+  rel-pos terms in half precision, softmax in float32), i.e. upstream's own mixed-precision path: the budget.
+  ``ours xla`` keeps logits, bias and softmax in float32; ``ours cudnn construction`` runs what the fused cuDNN
+  kernel gets (bias in bf16, padded keys as two split log-mass columns) through XLA's implementation of that call.
+- ``core:`` the attention alone, on the bf16 block's own q/k/v and float32 bias, against float32 math on the same
+  values: this isolates what each backend does to the softmax terms. ``cast log-mass (before)`` is the earlier
+  cuDNN construction that cast the whole padded-key logit (≈ log 2232 + s·q·b_k) to bf16; ``rounding`` is the
+  floor set by a bf16 output.
 
 Each row is the worst over ``--seeds`` draws. Not a test: the figures go to README/BENCHMARKS.md with the machine.
 """
@@ -57,35 +59,61 @@ def _cast_log_mass_attention(q, k, v, bias, pad, scale, implementation="xla"):
     return out.astype(jnp.float32)
 
 
+def _errors(y, ref) -> tuple[float, float]:
+    err = np.asarray(y, np.float64) - ref
+    return float(np.max(np.abs(err)) / np.max(np.abs(ref))), float(np.sqrt(np.mean(err ** 2) / np.mean(ref ** 2)))
+
+
+def _attention_inputs(module, params, x):
+    """The (q, k, v, bias, pad, scale) that ``module`` hands to the attention backend (one eager call)."""
+    captured = {}
+    original = attention.attend
+
+    def spy(q, k, v, bias, pad, scale, impl):
+        captured.update(args=(q, k, v, bias, pad, scale))
+        return original(q, k, v, bias, pad, scale, impl)
+
+    attention.attend = spy
+    try:
+        module.apply({"params": params}, x)
+    finally:
+        attention.attend = original
+    return captured["args"]
+
+
 def measure(heads: int, head_dim: int, grid: int, window: int, rel_scale: float, qk_gain: float, seeds: int):
+    """Worst over seeds of (rel. max, rel. RMS) error per computation, for the block and for the attention core."""
     dim = heads * head_dim
     kw = dict(num_heads=heads, window_size=window, rel_size=window)
     variants = {
-        "naive bf16 (upstream autocast)": NaiveEncoderAttention(**kw, dtype=jnp.bfloat16),
-        "naive fp16 (upstream autocast)": NaiveEncoderAttention(**kw, dtype=jnp.float16),
-        "ours xla bf16": EncoderAttention(**kw, impl="xla", dtype=jnp.bfloat16),
-        "ours cudnn construction bf16": EncoderAttention(**kw, impl="fused_xla", dtype=jnp.bfloat16),
+        "block: naive bf16 (upstream autocast)": NaiveEncoderAttention(**kw, dtype=jnp.bfloat16),
+        "block: naive fp16 (upstream autocast)": NaiveEncoderAttention(**kw, dtype=jnp.float16),
+        "block: ours xla bf16": EncoderAttention(**kw, impl="xla", dtype=jnp.bfloat16),
+        "block: ours cudnn construction bf16": EncoderAttention(**kw, impl="fused_xla", dtype=jnp.bfloat16),
     }
     reference = NaiveEncoderAttention(**kw)
-    rows = {name: [0.0, 0.0] for name in [*variants, "cast log-mass bf16 (before)"]}
+    rows: dict[str, list[float]] = {}
     for seed in range(seeds):
         kp, kx = jax.random.split(jax.random.key(seed))
         params = _params(kp, dim, heads, window, rel_scale, qk_gain)
         x = jax.random.normal(kx, (1, grid, grid, grid, dim), jnp.float32)  # a LayerNorm output
         y32 = np.asarray(jax.jit(lambda p, x: reference.apply({"params": p}, x))(params, x), np.float64)
-        outs = {name: jax.jit(lambda p, x, m=m: m.apply({"params": p}, x))(params, x) for name, m in variants.items()}
-        old_attend = attention.attend
-        attention.attend = lambda q, k, v, bias, pad, scale, impl: _cast_log_mass_attention(q, k, v, bias, pad, scale)
-        try:
-            m = EncoderAttention(**kw, impl="xla", dtype=jnp.bfloat16)
-            outs["cast log-mass bf16 (before)"] = jax.jit(lambda p, x: m.apply({"params": p}, x))(params, x)
-        finally:
-            attention.attend = old_attend
-        for name, y in outs.items():
-            err = np.asarray(y, np.float64) - y32
-            rel_max = float(np.max(np.abs(err)) / np.max(np.abs(y32)))
-            rel_rms = float(np.sqrt(np.mean(err ** 2) / np.mean(y32 ** 2)))
-            rows[name] = [max(rows[name][0], rel_max), max(rows[name][1], rel_rms)]
+        errors = {name: _errors(jax.jit(lambda p, x, m=m: m.apply({"params": p}, x))(params, x), y32)
+                  for name, m in variants.items()}
+        # The attention core alone, on the bf16 block's own inputs, against float32 math on the same values.
+        q, k, v, bias, pad, scale = _attention_inputs(variants["block: ours xla bf16"], params, x)
+        f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+        pad32 = (pad[0], f32(pad[1].astype(q.dtype)), f32(pad[2].astype(q.dtype)))
+        core32 = np.asarray(attention.attend(f32(q), f32(k), f32(v), bias, pad32, scale, "xla"), np.float64)
+        errors["core: rounding the exact result to bf16"] = _errors(core32.astype(jnp.bfloat16), core32)
+        errors["core: ours xla bf16"] = _errors(attention.attend(q, k, v, bias, pad, scale, "xla"), core32)
+        errors["core: ours cudnn construction bf16"] = _errors(
+            attention.fused_attention(q, k, v, bias, pad, scale, "xla"), core32)
+        errors["core: cast log-mass bf16 (before)"] = _errors(_cast_log_mass_attention(q, k, v, bias, pad, scale),
+                                                             core32)
+        for name, (rel_max, rel_rms) in errors.items():
+            old = rows.get(name, [0.0, 0.0])
+            rows[name] = [max(old[0], rel_max), max(old[1], rel_rms)]
     return rows
 
 
@@ -106,9 +134,9 @@ def main() -> None:
         results[label] = rows
         print(f"\n{label}; {args.grid}³ tokens, window {args.window}, {args.heads} heads x {args.head_dim}, "
               f"worst of {args.seeds} seeds, on {jax.devices()[0].device_kind}")
-        print(f"{'computation':34s} {'rel. max err':>13s} {'rel. RMS err':>13s}")
+        print(f"{'computation':44s} {'rel. max err':>13s} {'rel. RMS err':>13s}")
         for name, (rel_max, rel_rms) in rows.items():
-            print(f"{name:34s} {rel_max:13.2e} {rel_rms:13.2e}")
+            print(f"{name:44s} {rel_max:13.2e} {rel_rms:13.2e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -16,11 +16,14 @@ with float32 accumulation. Windows are grouped by their real extent per axis (fu
 grid/window ratio is exact: grid smaller than the window, several windows, partial padding.
 
 Backends: ``impl="xla"`` is a plain einsum/softmax formulation with float32 logits, bias and softmax whatever the
-compute dtype. ``impl="cudnn"`` feeds the same terms to ``jax.nn.dot_product_attention(implementation="cudnn")``,
-whose bias is in the compute dtype: the padded keys become two key columns holding ``b_k``/``b_v`` whose log-mass
-biases are split so that bfloat16 rounding does not move the padded mass (see :func:`split_log_mass`; casting the
-log-mass ≈ log 2232 itself would cost 1.6 % of it). The naive padded formulation lives in ``model/reference.py``
-and is used by tests and benchmarks only.
+compute dtype. ``impl="cudnn"`` (bf16/fp16 only) feeds the same terms to
+``jax.nn.dot_product_attention(implementation="cudnn")``, whose bias is in the compute dtype: the padded keys
+become two key columns holding ``b_k``/``b_v`` whose log-mass biases are split so that bfloat16 rounding does not
+move the padded mass (see :func:`split_log_mass`; casting the log-mass ≈ log 2232 itself would cost 1.6 % of it).
+The real keys' relative-position bias is still rounded to bf16 there, as upstream's autocast rounds it: on the
+released geometry that makes the attention itself ~8x less accurate than the XLA path in bf16
+(``benchmarks/bf16_error.py``), so XLA is the accurate choice for bf16 and cuDNN is opt-in. The naive padded
+formulation lives in ``model/reference.py`` and is used by tests and benchmarks only.
 """
 
 import itertools
@@ -186,6 +189,8 @@ def attend(q, k, v, bias, pad, scale: float, impl: str):
     ``impl``: ``"xla"``, ``"cudnn"``, or ``"fused_xla"`` (the cuDNN construction run through XLA on any backend, for
     tests and error measurements on machines without a GPU).
     """
+    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl 'cudnn' needs bfloat16 or float16 compute, got {q.dtype}; use 'xla'")
     if impl in ("cudnn", "fused_xla"):
         return fused_attention(q, k, v, bias, pad, scale, "cudnn" if impl == "cudnn" else "xla")
     if impl != "xla":

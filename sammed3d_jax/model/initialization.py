@@ -123,6 +123,14 @@ def make_plan(model: nn.Module, method: Callable, *args: Any, collections: tuple
                     tuple(rules))
 
 
+def plan_for_tree(tree: Any, rule: tuple[str, float]) -> InitPlan:
+    """A plan drawing every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``s) with the same ``rule``."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = tuple("/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves)
+    return InitPlan(treedef, names, tuple(tuple(x.shape) for _, x in leaves), tuple(x.dtype for _, x in leaves),
+                    (rule,) * len(leaves))
+
+
 def _uniform_chunks(key: jax.Array, hashes: list[int], sizes: list[int]) -> tuple[jax.Array, np.ndarray]:
     """``([chunks, CHUNK] float32 uniform on [-1, 1), start offset of each leaf in the flattened array)``."""
     nchunks = [-(-n // CHUNK) for n in sizes]

@@ -11,7 +11,7 @@ this module can be swapped into the image encoder (``Sam3D(cfg, attention_cls=Na
 Precision follows PyTorch autocast, i.e. upstream's mixed-precision path: with a half-precision ``dtype`` the
 projections, logits and relative-position terms are computed and added in that dtype, the softmax in float32, and
 its probabilities cast back for the product with the values. In float32 it is upstream's float32 computation.
-Imports jax/flax/numpy only.
+Imports jax/flax/numpy, and ``model/initialization.py`` for the noise of :func:`perturbed`.
 """
 
 import functools
@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sammed3d_jax.model import initialization
 
 
 def interpolation_matrix(src_len: int, dst_len: int) -> np.ndarray:
@@ -105,11 +107,12 @@ class NaiveEncoderAttention(nn.Module):
         return y
 
 
-@functools.partial(jax.jit, static_argnames="scale")
 def perturbed(variables, key: jax.Array, scale: float):
     """``variables`` plus N(0, scale²) noise on every leaf: upstream zero-initialises pos_embed and the rel-pos
-    tables, which would hide errors in the stages that use them (tests and benchmarks)."""
-    leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    tables, which would hide errors in the stages that use them (tests and benchmarks). The noise is drawn per leaf
+    as ``init_variables`` draws (threefry, folded in by path); eagerly, the sum is formed on the host and put back."""
+    noise = initialization.draw(initialization.plan_for_tree(variables, ("normal", scale)), key)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((variables, key))):
+        return jax.tree_util.tree_map(lambda x, n: x + n.astype(x.dtype), variables, noise)
+    host = jax.device_get((variables, noise))
+    return jax.device_put(jax.tree_util.tree_map(lambda x, n: np.asarray(x + n.astype(x.dtype)), *host))

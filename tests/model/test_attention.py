@@ -43,13 +43,14 @@ def _check(grid, window, heads, head_dim, batch, seed, impl="xla"):
     exact, naive, params, x = _both(grid, window, heads, head_dim, batch, seed, impl=impl)
     f_exact = lambda p, x: exact.apply({"params": p}, x)  # noqa: E731
     f_naive = lambda p, x: naive.apply({"params": p}, x)  # noqa: E731
-    y_exact, y_naive = jax.jit(f_exact)(params, x), jax.jit(f_naive)(params, x)
-    np.testing.assert_allclose(y_exact, y_naive, rtol=2e-5, atol=2e-5)
-    # Gradients of a generic scalar w.r.t. every parameter and the input.
-    probe = jax.random.normal(jax.random.key(seed + 1), y_exact.shape)
+    probe = jax.random.normal(jax.random.key(seed + 1), x.shape)
     loss = lambda f: lambda p, x: jnp.sum(f(p, x) * probe)  # noqa: E731
-    g_exact = jax.jit(jax.grad(loss(f_exact), argnums=(0, 1)))(params, x)
-    g_naive = jax.jit(jax.grad(loss(f_naive), argnums=(0, 1)))(params, x)
+    with jax.transfer_guard("disallow"):  # the jitted paths must not copy anything implicitly
+        y_exact, y_naive = jax.jit(f_exact)(params, x), jax.jit(f_naive)(params, x)
+        # Gradients of a generic scalar w.r.t. every parameter and the input.
+        g_exact = jax.jit(jax.grad(loss(f_exact), argnums=(0, 1)))(params, x)
+        g_naive = jax.jit(jax.grad(loss(f_naive), argnums=(0, 1)))(params, x)
+    np.testing.assert_allclose(y_exact, y_naive, rtol=2e-5, atol=2e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_exact), jax.tree_util.tree_leaves(g_naive)):
         scale = float(jnp.max(jnp.abs(b))) + 1e-6
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
@@ -179,3 +180,9 @@ def test_fused_construction_bfloat16_within_bound():
     cast = rms(jax.nn.dot_product_attention(q, k2, v2, bias=b2.astype(jnp.bfloat16), scale=scale,
                                             implementation="xla"))
     assert cast > 2 * floor, (cast, floor)
+
+
+def test_cudnn_refuses_float32_with_a_clear_error():
+    q, k, v, bias, pad = _core_inputs(0, nq=4, nk=4)
+    with pytest.raises(ValueError, match="'cudnn' needs bfloat16 or float16 compute, got float32; use 'xla'"):
+        attend(q, k, v, bias, pad, 0.25, "cudnn")

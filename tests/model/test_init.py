@@ -1,7 +1,6 @@
 """init_variables: upstream's from-scratch distributions, the same weights for a seed on every platform and call
 style (stored checksum), stable under adding parameters."""
 
-import hashlib
 import math
 
 import flax.linen as nn
@@ -10,36 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from init_checksum import check_tiny_checksum
 from sammed3d_jax.model import ModelConfig, init_variables, sam
 from sammed3d_jax.model.initialization import init_rule
-
-# Computed once with threefry on CPU for ModelConfig.variant("tiny") and jax.random.key(0). The hash covers every
-# leaf except the normal ones (bit-exact on every backend by construction); the sums cover all leaves (the normal
-# leaves' erf_inv may differ in the last bit between backends, hence the tolerance).
-TINY_UNIFORM_SHA256 = "846a7f56c141dd834ea765cd3d724f249e271870a910559acd61f31edf668e6e"
-TINY_WEIGHTED_SUM = 66555.68545546843
-TINY_SUM_OF_SQUARES = 2004.2700671286573
-
-
-def fingerprint(variables) -> tuple[str, float, float]:
-    """(sha256 over the non-normal leaves' names and bytes, Σ_i (i+1)·Σ leaf_i, Σ x²) in float64."""
-    h = hashlib.sha256()
-    weighted = squares = 0.0
-    for i, (path, x) in enumerate(jax.tree_util.tree_leaves_with_path(variables)):
-        name = jax.tree_util.keystr(path)
-        x = np.asarray(x)
-        if not (name.endswith("['embedding']") or "gaussian" in name):
-            h.update(name.encode())
-            h.update(x.tobytes())
-        weighted += float(np.sum(x.astype(np.float64) * (i + 1)))
-        squares += float(np.sum(x.astype(np.float64) ** 2))
-    return h.hexdigest(), weighted, squares
-
-
-def check_tiny_checksum(variables):
-    digest, weighted, squares = fingerprint(variables)
-    assert digest == TINY_UNIFORM_SHA256
-    np.testing.assert_allclose([weighted, squares], [TINY_WEIGHTED_SUM, TINY_SUM_OF_SQUARES], rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +112,9 @@ def test_jitted_with_shardings_gives_the_same_bits(tiny_eager):
     cfg = ModelConfig.variant("tiny")
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    placed = jax.jit(init_variables, static_argnums=0, out_shardings=replicated)(cfg, jax.random.key(0))
+    key = jax.device_put(jax.random.key(0), replicated)
+    with jax.transfer_guard("disallow"):
+        placed = jax.jit(init_variables, static_argnums=0, out_shardings=replicated)(cfg, key)
     for a, b in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(tiny_eager)):
         assert a.sharding == replicated and a.dtype == jnp.float32
         np.testing.assert_array_equal(a, b)
