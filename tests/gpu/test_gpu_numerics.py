@@ -125,7 +125,8 @@ def test_cudnn_full_model_bf16_close_to_xla_and_float32():
 
 def test_bf16_train_step_with_cudnn_close_to_float32():
     """The tiny model, 3 steps on one batch: bf16 compute with cuDNN attention and a bf16 Adam first moment
-    against the float32 XLA step: losses within 3 %, updates cosine ≥ 0.95, norms within 10 %."""
+    against the float32 XLA step: losses within 2 %, updates cosine ≥ 0.99, norms within 5 % (CPU, XLA attention:
+    0.1 %, 0.9999, 0.2 %)."""
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     variables = jax.jit(init_variables, static_argnums=0)(ModelConfig.variant("tiny"), jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -155,9 +156,9 @@ def test_bf16_train_step_with_cudnn_close_to_float32():
     loss32, p32 = steps(tiny.replace(attention_impl="xla"), opt)
     loss16, p16 = steps(tiny.replace(dtype="bfloat16", attention_impl="cudnn"),
                         dataclasses.replace(opt, mu_dtype="bfloat16"))
-    np.testing.assert_allclose(loss16, loss32, rtol=3e-2)
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])  # noqa: E731
     start = flat(jax.device_get(variables["params"]))
     d32, d16 = flat(p32) - start, flat(p16) - start
-    assert float(d16 @ d32 / (np.linalg.norm(d16) * np.linalg.norm(d32))) >= 0.95
-    assert abs(np.linalg.norm(d16) / np.linalg.norm(d32) - 1) <= 0.1
+    assert float(d16 @ d32 / (np.linalg.norm(d16) * np.linalg.norm(d32))) >= 0.99
+    assert abs(np.linalg.norm(d16) / np.linalg.norm(d32) - 1) <= 0.05

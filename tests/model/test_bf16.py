@@ -51,6 +51,7 @@ def _run(cfg, variables, inputs, dtype, attention_cls=None):
         return jax.device_get(forward(variables, *inputs))
 
 
+@pytest.mark.slow
 def test_bfloat16_model_close_to_float32(fixture_model):
     """Image embeddings within 1.5e-2 (max, relative to the largest value) and low-res logits within 2e-2 (RMS),
     99.5 % of mask voxels on the same side of 0; and no worse than upstream's own formulation in bf16 (x1.25)."""
