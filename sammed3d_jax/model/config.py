@@ -1,8 +1,11 @@
 """ModelConfig: every architecture number of SAM-Med3D, as a frozen (hashable) dataclass, plus named variants.
 
 Field names follow the upstream builder's vocabulary (the fixture ``config.json`` uses it too), so a config file
-written by the reference tooling can be read with :func:`ModelConfig.from_json`. Must not import data/training code
-or ml_collections.
+written by the reference tooling can be read with :func:`ModelConfig.from_json`. Besides the architecture it holds
+execution fields (EXECUTION_FIELDS: compute dtype, attention implementation, remat policy, block scan) that change
+how, never what, the model computes. Owns ``ModelConfig``, ``VARIANTS`` (the released ``vit_b_ori``, upstream's
+unreleased ``vit_b``/``vit_l``/``vit_h``, and the CPU-sized ``small``/``tiny``) and ``resolve_attention_impl``.
+Imports etils (config files) only; must not import jax, data/training code or ml_collections.
 """
 
 import dataclasses
