@@ -7,8 +7,8 @@ renames. Conversion in either direction checks every entry and raises one :class
 that lists every missing, unexpected, wrongly shaped or wrongly typed tensor by name.
 
 Owns: ``conversion_table``, ``torch_to_flax``, ``flax_to_torch``, ``check_variables``, ``abstract_variables``,
-``count_parameters``, ``point_embeddings_in``. Imports only numpy, ml_dtypes and ``model.config``; must not import torch, jax, flax or the
-model modules (the tests check the table against the model's ``jax.eval_shape``).
+``count_parameters``, ``point_embeddings_in``. Imports only numpy, ml_dtypes and ``model.config``; must not import
+torch, jax, flax or the model modules (the tests check the table against the model's ``jax.eval_shape``).
 """
 
 import dataclasses
