@@ -5,11 +5,12 @@
     python train.py --config.total_steps=100 --config.optim.lr=3e-4   # any config key can be overridden
 """
 
-import logging as std_logging
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sammed3d_jax import cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,9 +23,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    # Orbax logs every file operation through absl at INFO (and jax its backend probing); keep our INFO lines only.
-    for name in ("absl", "jax._src.xla_bridge"):
-        std_logging.getLogger(name).setLevel(std_logging.WARNING)
+    cli.quiet_library_logs()  # Orbax's INFO line per file operation and jax's backend probing; ours stay.
     # Must join the cluster before anything touches a device.
     from sammed3d_jax import parallel
 

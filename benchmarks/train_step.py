@@ -12,7 +12,7 @@ AdamW with 20-step accumulation, ``min_clicks = max_clicks = clicks`` (every ste
 click scan and (GPU mode) of the encoder blocks. The batch is random data with a box target, already on device, so
 the data pipeline is not measured. ``--scan both`` (the default) runs every configuration with the encoder blocks
 unrolled and as a scan over block groups (``ModelConfig.scan_encoder_blocks``) and prints both compile times.
-Prints a table; not a test. Targets (issue 5, one H200): >= 500 samples/s at 1
+Prints a table; not a test. Targets (one H200): >= 500 samples/s at 1
 click, >= 300 at 11 clicks, peak <= 8 GiB; upstream PyTorch: 33.6-33.9 samples/s / 63.5 GiB at 1 click.
 """
 
@@ -37,11 +37,9 @@ def run_one(args) -> dict:
     import numpy as np
 
     from sammed3d_jax import parallel
-    from sammed3d_jax.model.config import ModelConfig
+    from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
     from sammed3d_jax.model.sam import init_variables
     from sammed3d_jax.training import optim, state as state_lib, step as step_lib
-
-    from sammed3d_jax.model.config import resolve_attention_impl
 
     cfg = ModelConfig.variant(args.variant, dtype=args.dtype, remat_policy="full" if args.remat_encoder else "none",
                               attention_impl=args.attention, scan_encoder_blocks=args.scan == "on")

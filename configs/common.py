@@ -40,7 +40,7 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Upstream SAM-Med3D's training recipe (spec §4) as the base every config overrides."""
+    """Upstream SAM-Med3D's training recipe as the base every config overrides."""
     c = ml_collections.ConfigDict()
     c.seed = 2023  # Upstream's seed (one jax.random.key, split into init/train streams).
     c.distributed = "auto"  # "auto" | "on" | "off": jax.distributed.initialize when the environment is a cluster.
@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.prepared_dir = ""  # Store written by python -m sammed3d_jax.data.prepare.
     c.data.synthetic_cases = 0  # > 0 and no prepared_dir: generate + prepare a synthetic dataset in <workdir>/data.
-    c.data.normalization = "per_volume"  # Upstream training pools stats over the batch: "batch_pooled" (quirk 9).
+    c.data.normalization = "per_volume"  # Upstream training pools stats over the batch: "batch_pooled".
     c.data.ct_clip = "modality"
     c.data.min_crop_foreground = 1000
     c.data.flip_axes = (0, 1, 2)
@@ -77,10 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.clicks.prompt_less_last = True
     c.clicks.accumulate = False  # Upstream --multi_click.
     c.clicks.stop_mask_gradient = False
-    c.clicks.threshold = 0.5  # On logits, as upstream training (quirk 8).
+    c.clicks.threshold = 0.5  # On logits (probability 0.62), as upstream training; 0.0 = probability 0.5.
     c.clicks.remat = True
     c.loss = ml_collections.ConfigDict()
-    c.loss.use_bce = True  # False = Dice only (MONAI < 1.3, quirk 7).
+    c.loss.use_bce = True  # False = Dice only (upstream's loss under MONAI < 1.3).
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 8e-4

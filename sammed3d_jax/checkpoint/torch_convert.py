@@ -2,8 +2,8 @@
 
 The table is generated from a :class:`ModelConfig`: one :class:`Entry` per upstream tensor, in upstream state-dict
 order, giving its PyTorch shape and a transform kind. The Flax path follows mechanically from the upstream name
-(``blocks.3.attn.qkv.weight`` -> ``blocks_3/attn/qkv/kernel``), so the table is all shapes and transforms, no
-renames. Conversion in either direction checks every entry and raises one :class:`ConversionError`
+(``blocks.3.attn.qkv.weight`` -> ``blocks_3/attn/qkv/kernel``: Linen list index ``_i``), so the table is all shapes and
+transforms, no renames. Conversion in either direction checks every entry and raises one :class:`ConversionError`
 that lists every missing, unexpected, wrongly shaped or wrongly typed tensor by name.
 
 Owns: ``conversion_table``, ``torch_to_flax``, ``flax_to_torch``, ``check_variables``, ``abstract_variables``,
@@ -219,7 +219,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, 
         cfg: the architecture the weights belong to.
 
     Returns:
-        ``{"params": {...}, "buffers": {...}}`` of contiguous float32 numpy arrays (the model's variable tree).
+        ``{"params": {...}, "buffers": {...}}`` of contiguous float32 numpy arrays (the tree ``init_variables`` makes).
 
     Raises:
         ConversionError: one error listing every missing key, unexpected key, wrong shape and wrong dtype.

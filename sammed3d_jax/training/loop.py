@@ -192,10 +192,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     d = config.data
     data_iter = build_train_iterator(
         prepared, worker_count=d.worker_count, read_threads=d.read_threads, prefetch_batches=d.prefetch_batches,
-        crop_size=cfg.image_size, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count(), normalization=d.normalization,
+        crop_size=cfg.image_size, global_batch_size=config.batch_size, seed=config.seed,
+        rows=range(jax.process_index() * config.batch_size // jax.process_count(),
+                   (jax.process_index() + 1) * config.batch_size // jax.process_count()), normalization=d.normalization,
         ct_clip=d.ct_clip, min_crop_foreground=d.min_crop_foreground, flip_axes=tuple(d.flip_axes))
 
+    from sammed3d_jax.data.augment import finish_batch
+
+    finish = jax.jit(functools.partial(finish_batch, normalization=d.normalization))
     manager = orbax_io.make_manager(workdir, save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
     latest = orbax_io.latest_step(manager)
@@ -235,7 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
             step -= 1
             break  # Simulated interruption: leave without a final checkpoint.
         host = next(data_iter)
-        batch = parallel.shard_host_batch({"image": host["image"], "label": host["label"]}, mesh)
+        raw = parallel.shard_host_batch({k: host[k] for k in ("image", "label", "flip", "ct_clip")}, mesh)
+        finished = finish(raw)  # Clip, normalisation and flips on the devices (data/augment.py).
+        batch = {"image": finished["image"], "label": finished["label"]}
         state, metrics = train_fn(state, batch, train_key)
         pending.append(metrics)
         bar.update(1)
