@@ -17,12 +17,11 @@ import torch, flax or the model modules.
 import hashlib
 import json
 import os
-import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from sammed3d_jax.checkpoint.pth_reader import CheckpointError, detect_format, read_state_dict
 from sammed3d_jax.checkpoint.resize import resize_variables
@@ -47,20 +46,19 @@ def resolve_config(spec: ModelConfig | str | os.PathLike | None) -> ModelConfig:
         return spec
     if str(spec) in VARIANTS:
         return ModelConfig.variant(str(spec))
-    if os.path.isfile(spec):
+    if epath.Path(spec).is_file():
         return ModelConfig.from_json(spec)
     raise ValueError(f"--config {spec!s}: neither a model variant ({', '.join(sorted(VARIANTS))}) nor a config file")
 
 
 def states_point_embeddings(spec: ModelConfig | str | os.PathLike | None) -> bool:
-    """Whether ``spec`` fixes ``num_point_embeddings`` itself: a ModelConfig does, a variant name or None does not,
-    a config JSON does when it has the key. Where it does not, conversion takes the number from the state dict."""
-    if isinstance(spec, ModelConfig):
-        return True
-    if spec is None or str(spec) in VARIANTS:
+    """Whether ``spec`` fixes ``num_point_embeddings`` itself: a config JSON that has the key does. A variant name,
+    None or a ModelConfig (whose field always has a value, chosen or not) do not: conversion then takes the number
+    from the state dict (2 or 4 ``point_embeddings``), which tells the two layouts apart without ambiguity."""
+    if spec is None or isinstance(spec, ModelConfig) or str(spec) in VARIANTS:
         return False
     try:
-        return "num_point_embeddings" in json.loads(pathlib.Path(spec).read_text())
+        return "num_point_embeddings" in json.loads(epath.Path(spec).read_text())
     except (OSError, ValueError):
         return False
 
@@ -77,10 +75,16 @@ def config_for_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], fixed
     return cfg
 
 
+def _absolute(path: str | os.PathLike) -> epath.Path:
+    """A local path made absolute (what Orbax wants); a URL-like path (``gs://...``) as it is."""
+    p = epath.Path(path)
+    return p if "://" in os.fspath(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -88,7 +92,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def is_params_dir(directory: str | os.PathLike) -> bool:
     """True if ``directory`` looks like a converted params directory (has the JSON description)."""
-    return os.path.isfile(os.path.join(directory, METADATA_FILE))
+    return (epath.Path(directory) / METADATA_FILE).is_file()
 
 
 def _to_numpy_f32(variables):
@@ -117,12 +121,12 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     import orbax.checkpoint as ocp
 
     check_variables(variables, cfg)
-    directory = pathlib.Path(directory).absolute()
+    directory = _absolute(directory)
     if directory.exists() and any(directory.iterdir()):
         if not (overwrite and is_params_dir(directory)):
             raise FileExistsError(f"{directory}: exists and is not empty; choose a new directory"
                                   + ("" if overwrite else " (or overwrite an earlier conversion with --overwrite)"))
-        shutil.rmtree(directory)
+        directory.rmtree()
     directory.mkdir(parents=True, exist_ok=True)
     counts = count_parameters(variables)
     metadata = {
@@ -159,7 +163,7 @@ def load_params(directory: str | os.PathLike, image_size: int | None = None
     """
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = _absolute(directory)
     hint = "create one with `python -m sammed3d_jax.convert CHECKPOINT OUT_DIR`"
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such params directory; {hint}")
@@ -205,7 +209,7 @@ def convert_file(path: str | os.PathLike, config: ModelConfig | str | os.PathLik
     cfg = config_for_state_dict(resolve_config(config), state_dict, states_point_embeddings(config))
     variables = torch_to_flax(state_dict, cfg)
     meta = {
-        "source": os.path.basename(os.fspath(path)),
+        "source": epath.Path(path).name,
         "source_sha256": file_sha256(path),
         "source_format": detect_format(path),
         "source_key_count": len(state_dict),
@@ -233,7 +237,7 @@ def load_variables(source: str | os.PathLike, config: ModelConfig | str | os.Pat
     Raises:
         CheckpointError / ConversionError: naming the source; ValueError if ``config`` disagrees with a directory.
     """
-    if os.path.isdir(source):
+    if epath.Path(source).is_dir():
         variables, cfg, meta = load_params(source)
         if config is not None:
             wanted = resolve_config(config)

@@ -82,6 +82,16 @@ def test_convert_at_another_size_then_encode(tiny_fixture_dir, tmp_path, fixture
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(big)))
 
 
+def test_convert_refuses_a_bad_image_size_in_one_line(tiny_fixture_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main([str(tiny_fixture_dir / "checkpoint.pth"), str(tmp_path / "out"), "--config",
+                      str(tiny_fixture_dir / "config.json"), "--image-size", "100"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --image-size 100: not a positive multiple of the patch size 16"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_point_embeddings_come_from_the_state_dict(fixtures_dir, tmp_path):
     box = fixtures_dir / "upstream_box_tiny"
     cfg_dict = json.loads((box / "config.json").read_text())
