@@ -37,8 +37,10 @@ SCALAR_LAST = ("lr", "updates", "skipped")  # Reported at the interval's end, no
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The ModelConfig of ``config.model`` (a variant plus numerics overrides)."""
     m = config.model
-    # Optional keys: another input size (weights resampled at load), named remat policy, scanned encoder blocks.
-    extra = {k: m[k] for k in ("image_size", "remat_policy", "scan_encoder_blocks") if k in m and m[k]}
+    # Optional keys: another input size (weights resampled at load), box-corner embeddings, named remat policy,
+    # scanned encoder blocks.
+    optional = ("image_size", "num_point_embeddings", "remat_policy", "scan_encoder_blocks")
+    extra = {k: m[k] for k in optional if k in m and m[k]}
     return ModelConfig.variant(m.variant, dtype=m.dtype, attention_impl=m.attention_impl,
                                remat_encoder_blocks=bool(m.remat_encoder_blocks), **extra)
 
