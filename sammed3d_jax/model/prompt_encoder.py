@@ -132,8 +132,8 @@ class PromptEncoder(nn.Module):
         """
         cfg = self.cfg
         sparse = valid = None
-        if boxes is not None and box_present is None:
-            box_present = jnp.ones((boxes.shape[0],), bool)
+        if boxes is not None:
+            box_present = jnp.ones((boxes.shape[0],), bool) if box_present is None else box_present.astype(bool)
         if points is not None:
             sparse, valid = self.embed_points(points, labels, box_present)
         if boxes is not None:
