@@ -29,7 +29,7 @@ import sys
 import time
 
 PRESETS = {
-    "quick": dict(variants=["tiny", "small", "small@96"], batch=[1, 2], remat=["none", "full"], dtype="float32",
+    "quick": dict(variants=["small", "small@96"], batch=[1, 4], remat=["none", "full"], dtype="float32",
                   clicks=2, steps=2, warmup=1),
     "cpu": dict(variants=["small", "vit_b_ori"], batch=[1], remat=["none", "full"], dtype="float32", clicks=2,
                 steps=2, warmup=1),
