@@ -38,28 +38,19 @@ def run_one(args) -> dict:
 
     from sammed3d_jax import parallel
     from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
-    from sammed3d_jax.model.sam import init_variables
-    from sammed3d_jax.training import optim, state as state_lib, step as step_lib
+    from sammed3d_jax.training import optim, setup as setup_lib, step as step_lib
 
     cfg = ModelConfig.variant(args.variant, dtype=args.dtype, remat_policy="full" if args.remat_encoder else "none",
                               attention_impl=args.attention, scan_encoder_blocks=args.scan == "on")
     cfg = resolve_attention_impl(cfg, jax.default_backend())
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    optimizer = optim.make_optimizer(optim.OptimConfig(accum_steps=20))
-    step_cfg = step_lib.StepConfig(max_clicks=args.clicks, min_clicks=args.clicks)
-
-    def fresh(key):
-        return state_lib.create_train_state(init_variables(cfg, key), optimizer.tx)
-
-    shardings = state_lib.state_shardings(jax.eval_shape(fresh, jax.random.key(0)), ((".*", "replicate"),), mesh)
-    state = jax.jit(fresh, out_shardings=shardings)(jax.random.key(0))
-    fn = step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings)
+    # The loop's own set-up: state shardings, jitted init and the donated train step.
+    setup = setup_lib.build(cfg, optim.OptimConfig(accum_steps=20),
+                            step_lib.StepConfig(max_clicks=args.clicks, min_clicks=args.clicks), mesh)
+    state = setup.init(jax.random.key(0))
+    fn = setup.train_step
     s, b = cfg.image_size, args.batch
-    rng = np.random.default_rng(0)
-    label = np.zeros((b, s, s, s), np.uint8)
-    label[:, s // 4:s // 2 + s // 8, s // 3:3 * s // 4, s // 5:s // 2] = 1
-    image = (rng.normal(size=label.shape) + 2.0 * label).astype(np.float32)[..., None]
-    batch = parallel.shard_host_batch({"image": image, "label": label}, mesh)
+    batch = setup_lib.place_batch(setup_lib.synthetic_batch(b, s), mesh)
     key = parallel.put_replicated(jax.random.key(1), mesh)
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -84,6 +75,7 @@ def run_one(args) -> dict:
         state, metrics = fn(state, batch, key)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
+    flops = setup_lib.compiled_flops(fn, state, batch, key)  # The executable is cached: no second compilation.
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -98,7 +90,7 @@ def run_one(args) -> dict:
         "compile_s": round(compile_s, 2), "compile_cpu_s": round(compile_cpu_s, 2),
         "first_step_s": round(first_step_s, 2),
         "step_s_median": step_s, "samples_per_s": b / step_s, "peak_gib": peak / 2 ** 30, "peak_kind": peak_kind,
-        "loss": float(metrics["loss"]), "steps_timed": args.steps,
+        "loss": float(metrics["loss"]), "steps_timed": args.steps, "flops_per_step": flops,
     }
 
 

@@ -8,7 +8,8 @@
 - ``plot_panels``: the one plotter (training curves, evaluation Dice/NSD vs clicks): matplotlib's object API on an
   Agg canvas, no pyplot global state, written through ``etils.epath``.
 
-Must not import model/, training/ or data/.
+Metrics also go, on request, to TensorBoard event files (``tb_events``). Every path goes through ``etils.epath``
+(``gs://`` workdirs work). Must not import model/, training/ or data/.
 """
 
 import dataclasses
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from etils import epath
+
+from sammed3d_jax import tb_events
 
 
 def json_safe(value: Any) -> Any:
@@ -43,33 +46,57 @@ def json_safe(value: Any) -> Any:
 
 
 class MetricWriter:
-    """Appends scalar metrics to a JSON-lines file and prints them; process 0 only.
+    """Records scalar metrics as JSON lines (and TensorBoard events) and prints them; process 0 only.
+
+    Object stores cannot append, so records go through ``tb_events.AppendableFile``: appended locally, the whole
+    object rewritten on ``gs://``-style paths (metrics files stay small: about 1 kB per record).
 
     Args:
-      workdir: directory of ``metrics.jsonl``.
+      workdir: directory of ``metrics.jsonl`` (local or a URL).
       is_primary: whether this process writes (pass ``jax.process_index() == 0``).
       echo: prints a line (default ``print``); None silences stdout.
       filename: name of the JSON-lines file.
+      tensorboard: also write TensorBoard event files into ``<workdir>/tensorboard``.
+      start_step: the step a resumed run continues after (its event file starts there).
     """
 
     def __init__(self, workdir: str | os.PathLike, is_primary: bool = True,
-                 echo: Callable[[str], None] | None = print, filename: str = "metrics.jsonl"):
-        self.path = os.path.join(os.fspath(workdir), filename)
+                 echo: Callable[[str], None] | None = print, filename: str = "metrics.jsonl",
+                 tensorboard: bool = False, start_step: int = 0):
+        self.workdir = epath.Path(workdir)
+        self.path = self.workdir / filename
         self.is_primary = is_primary
         self.echo = echo
+        self._file = self._events = None
         if is_primary:
-            os.makedirs(os.fspath(workdir), exist_ok=True)
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._file = tb_events.AppendableFile(self.path)
+            if tensorboard:
+                self._events = tb_events.EventFileWriter(self.workdir / "tensorboard", start_step)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Records ``scalars`` (numbers or small arrays) at ``step``."""
         if not self.is_primary:
             return
         record = {"step": int(step), **{k: json_safe(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._file.append((json.dumps(record) + "\n").encode())
+        self._file.flush()
+        if self._events is not None:
+            self._events.scalars(step, _tensorboard_values(record))
+            self._events.flush()
         if self.echo is not None:
             parts = [f"{k}={_fmt(v)}" for k, v in record.items() if k != "step" and not isinstance(v, list)]
             self.echo(f"[step {record['step']}] " + " ".join(parts))
+
+    def truncate(self, last_step: int) -> None:
+        """Drops records past ``last_step`` (written by a killed run after its last checkpoint)."""
+        if not self.is_primary:
+            return
+        records = self.read()
+        if any(r["step"] > last_step for r in records):
+            kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= last_step)
+            self.path.write_text(kept)
+            self._file = tb_events.AppendableFile(self.path)
 
     def read(self) -> list[dict[str, Any]]:
         """All records written so far (empty if none)."""
@@ -82,6 +109,17 @@ class MetricWriter:
             plot_curves(self.read(), png_path, keys)
 
 
+def _tensorboard_values(record: Mapping[str, Any]) -> dict[str, float]:
+    """Finite numbers of a record; lists become ``name/i`` tags (e.g. Dice per click)."""
+    out = {}
+    for key, value in record.items():
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and key != "step":
+                out[key if i is None else f"{key}/{i}"] = float(v)
+    return out
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -90,16 +128,16 @@ def _fmt(v: Any) -> str:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads a metrics JSON-lines file; a missing file gives an empty list, a bad line an error naming the file."""
-    if not os.path.exists(path):
+    path = epath.Path(path)
+    if not path.exists():
         return []
     records = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not a JSON line ({e})") from e
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON line ({e})") from e
     return records
 
 

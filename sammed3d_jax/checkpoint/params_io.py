@@ -118,16 +118,24 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     Raises:
         ConversionError: the tree does not match ``cfg``. FileExistsError: the directory is in use.
     """
+    import jax
     import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
 
     check_variables(variables, cfg)
+    # epath: a gs:// folder stays a URL. Several processes (a multi-host training export): every one passes the
+    # same host arrays and joins Orbax's save; only the primary prepares the folder and writes the JSON.
     directory = _absolute(directory)
-    if directory.exists() and any(directory.iterdir()):
+    primary = jax.process_index() == 0
+    if primary and directory.exists() and any(directory.iterdir()):
         if not (overwrite and is_params_dir(directory)):
             raise FileExistsError(f"{directory}: exists and is not empty; choose a new directory"
                                   + ("" if overwrite else " (or overwrite an earlier conversion with --overwrite)"))
         directory.rmtree()
-    directory.mkdir(parents=True, exist_ok=True)
+    if primary:
+        directory.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("params directory ready")
     counts = count_parameters(variables)
     metadata = {
         "format": FORMAT,
@@ -141,7 +149,8 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     checkpointer.save(directory / PARAMS_SUBDIR, _to_numpy_f32(variables))
     checkpointer.wait_until_finished()
     checkpointer.close()
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+    if primary:
+        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
     return metadata
 
 

@@ -44,7 +44,7 @@ from scipy import special
 from sammed3d_jax.cvpr25 import boxes as box_lib
 from sammed3d_jax.cvpr25.cases import ClassPrompts
 from sammed3d_jax.evaluation import inference
-from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
 from sammed3d_jax.model.sam import Sam3D, upsample_logits
 from sammed3d_jax.shapes import NEGATIVE, POSITIVE
 
@@ -64,7 +64,7 @@ def has_box_embeddings(cfg: ModelConfig) -> bool:
 @functools.lru_cache(maxsize=8)
 def box_decode_function(cfg: ModelConfig) -> BoxDecodeFn:
     """``decode(variables, emb, points, labels, low, boxes [1, 6]) -> (low, full)``: ``Sam3D.decode`` with a box."""
-    model = Sam3D(cfg)
+    model = Sam3D(resolve_attention_impl(cfg, jax.default_backend()))
 
     def decode(variables, embedding, points, labels, low_logits, boxes):
         low, _ = model.apply(variables, embedding, points, labels, low_logits, boxes=boxes, multimask_output=False,

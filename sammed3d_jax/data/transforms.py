@@ -284,6 +284,16 @@ def crop_or_pad_box(mask: Shaped[np.ndarray, "h w d"], target_shape=(128, 128, 1
     return CropPad(tuple(int(s) for s in fg.shape), tuple(start), target)
 
 
+def box_crop_window(bbox, source_shape, size: int) -> CropPad:
+    """``crop_or_pad_box(mask, (size,) * 3)`` from the mask's bounding box ``[(first, last + 1)] * 3`` alone.
+
+    torchio's centre rule reduces to ``start = floor((bb_min + bb_max) / 2 - size / 2)`` per axis (see
+    ``crop_or_pad_box``), so no label scan is needed once the box is known.
+    """
+    start = tuple(math.floor((lo + hi) / 2 - size / 2) for lo, hi in bbox)
+    return CropPad(tuple(int(n) for n in source_shape), start, (int(size),) * 3)
+
+
 def apply_crop_or_pad(
     array: Shaped[np.ndarray, "h w d *c"], crop_pad: CropPad, fill=0
 ) -> Shaped[np.ndarray, "t0 t1 t2 *c"]:

@@ -26,7 +26,7 @@ def _variables(seed):
 def workdir(tmp_path_factory):
     # A train state as the training loop saves it: step, params, buffers and an optimizer state beside them.
     root = tmp_path_factory.mktemp("run")
-    manager = orbax_io.make_manager(root, save_every=1, keep=3, async_save=False, with_iter=False)
+    manager = orbax_io.make_manager(root, save_every=1, keep=3, async_save=False)
     for step in (1, 2):
         v = _variables(step)
         state = {"step": np.int32(step), "params": v["params"], "buffers": v["buffers"],
