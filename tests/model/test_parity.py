@@ -35,6 +35,14 @@ def test_stage_within_fixture_tolerance(tiny_rows, name):
     assert row.ok, f"{name}: max abs err {row.max_abs_err:.3e}"
 
 
+def test_scanned_rematerialised_encoder_passes_too(tiny_fixture_dir):
+    """The fixture's encoder (window, global) x 2 runs as a scan over the two repeats, blocks rematerialised."""
+    rows, unknown = parity.check_fixture(str(tiny_fixture_dir), scan_encoder_blocks=True,
+                                         remat_policy="save_qkv_attention_out")
+    assert unknown == [] and {r.name for r in rows} == EXPECTED_STAGES
+    assert [r.name for r in rows if not r.ok] == []
+
+
 def test_cli_fails_on_a_perturbed_weight(tiny_fixture_dir, tmp_path):
     sd = read_state_dict(tiny_fixture_dir / "weights.npz")
     sd["image_encoder.blocks.0.attn.rel_pos_w"] = sd["image_encoder.blocks.0.attn.rel_pos_w"] + 1e-3
