@@ -1,41 +1,110 @@
 """Train SAM-Med3D in JAX.  `python train.py` runs the embedded CPU demo (configs/default.py).
 
     python train.py --config configs/sammed3d.py --workdir runs/sammed3d --config.data.prepared_dir=PREPARED
-    python train.py --workdir runs/sammed3d --resume          # continue a killed run
+    python train.py --workdir runs/sammed3d --resume          # continue a stopped run with its stored config
     python train.py --config.total_steps=100 --config.optim.lr=3e-4   # any config key can be overridden
+
+Every mistake (a bad flag or config value, a misspelt --config. key, a workdir that already holds a run) ends with
+one line on stderr and a non-zero status; a run stopped by SIGTERM/SIGINT saves a checkpoint first and says how to
+resume. On --resume the run's stored config is used, with any --config. overrides on top (a recipe change needs
+--allow_recipe_change); an explicit --config file replaces it.
 """
 
-import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"), "Training config file (path[:arg]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"), "Run directory (checkpoints, metrics).")
+_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"), "Run directory (local or gs://...).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the checkpoints in --workdir.")
+_ALLOW_RECIPE_CHANGE = flags.DEFINE_bool("allow_recipe_change", False,
+                                         "On --resume, accept changed model/optimizer/click/data settings.")
+
+
+def _valid_keys(argv) -> list[str]:
+    from sammed3d_jax.training import run_config
+
+    path = _DEFAULT_CONFIG
+    for i, arg in enumerate(argv):  # The config file the command names, if any.
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    try:
+        return run_config.flat_keys(config_flags.config_flags._LoadConfigModule("config", path.split(":")[0])
+                                    .get_config(*path.split(":")[1:2]))
+    except Exception:  # pylint: disable=broad-except  # Only for the hint; the error itself is reported anyway.
+        return []
+
+
+def _report_flag_error(err: BaseException, argv) -> None:
+    """One line for a flag error (a misspelt --config. key lists the valid keys near it), then exit 2."""
+    from sammed3d_jax import cli
+    from sammed3d_jax.training import run_config
+
+    valid = _valid_keys(argv)
+    bad = next((a.split("=", 1)[0][len("--config."):] for a in argv[1:] if a.startswith("--config.") and
+                a.split("=", 1)[0][len("--config."):] not in valid), None)
+    if bad and valid:
+        cli.fail(f"unknown config key --config.{bad}; valid keys near it: "
+                 + ", ".join(f"--config.{k}" for k in run_config.near_keys(bad, valid)))
+    cli.fail(f"bad command line: {' '.join(str(err).split())}")
+
+
+def _parse_flags(argv):
+    """absl's parsing with one-line errors."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as err:  # pylint: disable=broad-except  # absl and ml_collections raise many types here.
+        _report_flag_error(err, argv)
+
+
+try:  # ml_collections parses the default config and the --config. overrides as soon as the flag is defined.
+    _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file (path[:arg]).",
+                                              lock_config=True)
+except Exception as _err:  # pylint: disable=broad-except
+    _report_flag_error(_err, sys.argv)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    # Orbax logs every file operation through absl at INFO (and jax its backend probing); keep our INFO lines only.
-    for name in ("absl", "jax._src.xla_bridge"):
-        std_logging.getLogger(name).setLevel(std_logging.WARNING)
-    # Must join the cluster before anything touches a device.
-    from sammed3d_jax import parallel
+    from sammed3d_jax import cli
 
-    parallel.maybe_initialize_distributed(config.distributed)
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {argv[1:]} (options are --config, --config.KEY=VALUE, --workdir, --resume)")
+    cli.quiet_library_logs()
+    cli.guarded(_train)()
+
+
+def _train():
+    import jax
+    from ml_collections import config_flags as cf
+
+    from sammed3d_jax import cli
+    from sammed3d_jax.checkpoint.orbax_io import run_path
+    from sammed3d_jax.training import preemption, run_record
+
+    config = _CONFIG.value
+    workdir = run_path(_WORKDIR.value)
+    if _RESUME.value:
+        stored = run_record.stored_config(workdir) if workdir.exists() else None
+        if stored is not None and not flags.FLAGS["config"].present:
+            # The run's own config, with this command's --config. overrides on top.
+            config = run_record.with_overrides(stored, cf.get_override_values(flags.FLAGS["config"]))
+        with config.unlocked():
+            config.resume = True
+    # CPU collectives between processes (multi-process CPU runs); accelerators use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from sammed3d_jax.training.loop import train_and_evaluate
 
-    with config.unlocked():
-        config.resume = config.resume or _RESUME.value
-    logging.info("workdir %s", os.path.abspath(_WORKDIR.value))
-    train_and_evaluate(config, _WORKDIR.value)
+    logging.info("workdir %s", workdir)
+    try:
+        train_and_evaluate(config, str(workdir), allow_recipe_change=_ALLOW_RECIPE_CHANGE.value)
+    except preemption.RunStopped as stopped:
+        cli.fail(str(stopped), stopped.exit_status)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -40,10 +40,18 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Upstream SAM-Med3D's training recipe (spec §4) as the base every config overrides."""
+    """Upstream SAM-Med3D's training recipe as the base every config overrides."""
     c = ml_collections.ConfigDict()
     c.seed = 2023  # Upstream's seed (one jax.random.key, split into init/train streams).
-    c.distributed = "auto"  # "auto" | "on" | "off": jax.distributed.initialize when the environment is a cluster.
+    c.distributed = ml_collections.ConfigDict()  # How to join a multi-process job (sammed3d_jax/cluster.py).
+    c.distributed.mode = "auto"  # "auto": join when JAX detects a cluster or a coordinator is given; "on"; "off".
+    c.distributed.coordinator_address = ""  # host:port; "" = JAX_COORDINATOR_ADDRESS or JAX's detection.
+    c.distributed.num_processes = 0  # 0 = JAX_NUM_PROCESSES or detection.
+    c.distributed.process_id = -1  # -1 = JAX_PROCESS_ID or detection.
+    c.distributed.local_device_ids = ""  # "0,1,..." | "all" (one task per node) | "" (JAX's choice).
+    c.distributed.initialization_timeout_s = 300
+    c.distributed.cluster_detection_method = ""  # Force one of JAX's detectors ("slurm", "ompi", "mpi4py", ...).
+    c.distributed.expect_devices = 0  # > 0: refuse to start unless the job has exactly this many devices.
     c.resume = False  # Continue from <workdir>/checkpoints (train.py --resume sets it).
 
     c.model = ml_collections.ConfigDict()
@@ -57,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.prepared_dir = ""  # Store written by python -m sammed3d_jax.data.prepare.
     c.data.synthetic_cases = 0  # > 0 and no prepared_dir: generate + prepare a synthetic dataset in <workdir>/data.
-    c.data.normalization = "per_volume"  # Upstream training pools stats over the batch: "batch_pooled" (quirk 9).
+    c.data.normalization = "per_volume"  # Upstream training pools stats over the batch: "batch_pooled".
     c.data.ct_clip = "modality"
     c.data.min_crop_foreground = 1000
     c.data.flip_axes = (0, 1, 2)
@@ -77,10 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.clicks.prompt_less_last = True
     c.clicks.accumulate = False  # Upstream --multi_click.
     c.clicks.stop_mask_gradient = False
-    c.clicks.threshold = 0.5  # On logits, as upstream training (quirk 8).
+    c.clicks.threshold = 0.5  # On logits (probability 0.62), as upstream training; 0.0 = probability 0.5.
     c.clicks.remat = True
     c.loss = ml_collections.ConfigDict()
-    c.loss.use_bce = True  # False = Dice only (MONAI < 1.3, quirk 7).
+    c.loss.use_bce = True  # False = Dice only (upstream's loss under MONAI < 1.3).
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 8e-4
@@ -99,19 +107,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.accum_steps = 20
     c.optim.skip_nonfinite = True
     c.optim.mu_dtype = ""  # "" = param dtype; "bfloat16" halves Adam's first moment.
+    c.optim.max_consecutive_skips = 20  # Stop the run after this many non-finite micro-batches in a row (0 = never).
 
     c.sharding = ml_collections.ConfigDict()
     c.sharding.mesh = (("data", -1),)
     c.sharding.rules = ((".*", "replicate"),)  # Or ((".*", "fsdp"),) to shard params and optimizer state.
     c.sharding.fsdp_axis = "data"
+    # Multi-slice / multi-node: how the granules (TPU slices, or processes) tile the mesh axes, e.g.
+    # (("data", -1),) puts them on the data axis; () = one granule. `mesh` then describes one granule.
+    c.sharding.dcn_mesh = ()
+    c.sharding.dcn_granule = "auto"  # "slice" (TPU slice_index) | "process" | "auto".
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+    c.checkpoint.async_timeout_s = 600  # How long processes wait for each other to finish an async save.
     c.export_params = True  # Write <workdir>/params (params_io format, for eval/predict) at the end.
 
     c.compiler_options = ml_collections.ConfigDict()  # XLA options of the jitted init and step ({} = defaults).
+
+    c.validation = ml_collections.ConfigDict()  # Periodic interactive Dice on held-out cases.
+    c.validation.every_steps = 0  # 0 = never.
+    c.validation.holdout_fraction = 0.0  # Cases held out of training (split by case identity).
+    c.validation.max_batches = 4  # Validation batches (of batch_size) per evaluation.
+    c.validation.clicks = 5  # Dice is reported after 1 and after this many clicks.
+
+    c.observe = ml_collections.ConfigDict()
+    c.observe.peak_tflops = 0.0  # Peak TFLOP/s per device for MFU; 0 = the table in training/observe.py.
+    c.observe.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard.
+    c.profile_steps = ()  # (first, last): a profiler trace of these steps into <workdir>/profile.
 
     c.log_every_steps = 50
     c.plot_every_steps = 1000

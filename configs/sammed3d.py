@@ -4,8 +4,8 @@ weight decay 0.1, 20-step accumulation, MultiStep x0.1 at epochs 120 and 180 of 
     python train.py --config configs/sammed3d.py --workdir runs/sammed3d --config.data.prepared_dir=PREPARED
 
 Args (``--config configs/sammed3d.py:arg``): ``runlocal`` shrinks the run to a few CPU-sized steps (same shapes);
-``dice_only`` drops the BCE term (MONAI < 1.3, as the base model most likely trained, quirk 7);
-``batch_pooled`` normalises over the batch as upstream training does (quirk 9).
+``dice_only`` drops the BCE term (MONAI < 1.3, as the base model most likely trained);
+``batch_pooled`` normalises over the batch as upstream training does.
 """
 
 import os

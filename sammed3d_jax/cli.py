@@ -2,7 +2,9 @@
 
 A user's mistake (a missing file, a bad flag value, an existing output) ends a command with one line on stderr,
 ``error: <what, naming the file or argument>``, and exit status 2, never a traceback; Ctrl-C ends it with status 130.
-``SAMMED3D_TRACEBACK=1`` re-raises instead, for debugging. Must not import jax, flax, the model or training/.
+``SAMMED3D_TRACEBACK=1`` re-raises instead, for debugging. ``run_absl_app`` does the same for absl/ml_collections
+entry points, whose flags and config files are read before ``main`` runs (a misspelt ``--config.key`` lists the
+keys next to it). Must not import jax, flax, the model or training/.
 """
 
 import functools
@@ -129,3 +131,88 @@ def check_output_path(path: str | os.PathLike, *, inputs: Iterable[str | os.Path
         if not os.access(anchor, os.W_OK | os.X_OK):
             raise UsageError(f"{name} {out}: folder {anchor} is not writable")
     return out
+
+
+def _config_key_message(flag: str, config) -> str:
+    """``--config.a.b``: which part of the dotted key is wrong, the close matches and the keys at that level."""
+    import difflib
+
+    parts = flag.split("=", 1)[0].removeprefix("--").split(".")[1:]
+    node, path = config, []
+    for part in parts:
+        if not hasattr(node, "keys"):
+            return f"--config.{'.'.join(parts)}: {'.'.join(path)} is a value, not a group of keys"
+        if part not in node.keys():
+            keys = sorted(node.keys())
+            close = difflib.get_close_matches(part, keys, n=3)
+            where = f" under --config.{'.'.join(path)}" if path else ""
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            return f"--config.{'.'.join(parts)}: no config key {part!r}{where}{hint} (keys: {', '.join(keys)})"
+        node, path = node[part], path + [part]
+    return ""
+
+
+def _flag_error(err: BaseException, argv: list[str], default_config: Callable | None) -> str:
+    """One line for an error raised while absl defines or parses flags (including ml_collections config files)."""
+    text = str(err).strip()
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if config_file is None and "--config" in argv[1:-1]:
+        config_file = argv[argv.index("--config") + 1]
+    if isinstance(err, (AttributeError, KeyError, TypeError)) and overrides and default_config is not None:
+        config = default_config()
+        for flag in overrides:
+            message = _config_key_message(flag, config)
+            if message:
+                return message
+    if isinstance(err, (SyntaxError, NameError, ImportError)) and config_file:
+        return (f"--config {config_file}: not a Python config file with get_config() "
+                f"({type(err).__name__}: {one_line(err)})")
+    if isinstance(err, OSError) and config_file and ("No such file" in text or "not available" in text):
+        return f"--config {config_file}: does not exist" if "No such file" in text else (
+            f"--config {config_file}: cannot be loaded ({' '.join(text.split())[-200:]})")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback" in text and lines:  # ml_collections wraps a config file's own error with its traceback
+        return f"{lines[0].removeprefix('flag ').split(': Error whilst', 1)[0]}: {lines[-1]}"
+    return one_line(err).removeprefix("flag ")
+
+
+def run_absl_app(main: Callable[[list[str]], int | None], define_flags: Callable[[], None], *,
+                 default_config: Callable | None = None, validate: Callable[[], object] | None = None,
+                 argv: list[str] | None = None) -> NoReturn:
+    """``absl.app.run`` with one-line errors for flags, config files and ``--config.`` overrides, then ``main``.
+
+    ml_collections reads ``--config`` and its overrides while the flags are defined and again while they are
+    parsed; both happen here, under the same error handling, and a typo'd ``--config.key`` names the keys near it.
+
+    Args:
+      main: the absl main, called with the remaining arguments (wrapped with :func:`guarded`).
+      define_flags: defines the absl flags (module-level ``DEFINE_*`` calls moved into a function).
+      default_config: returns the default ConfigDict, used to list the valid keys near a typo.
+      validate: called after parsing, under the same handling (e.g. ``lambda: CONFIG.value``: a config file given
+        on the command line is only loaded when its value is first read).
+      argv: the command line (default ``sys.argv``).
+    """
+    from absl import app, flags
+
+    argv = list(sys.argv if argv is None else argv)
+
+    def attempt(step: Callable[[], object]) -> object:
+        try:
+            return step()
+        except flags.Error as err:
+            fail(_flag_error(err, argv, default_config))
+        except Exception as err:  # noqa: BLE001  (config files raise anything: all of it is the user's input)
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            fail(_flag_error(err, argv, default_config))
+
+    def parse(args: list[str]) -> object:
+        rest = flags.FLAGS(args)
+        if validate is not None:
+            validate()
+        return rest
+
+    attempt(define_flags)
+    app.run(guarded(main), argv=argv, flags_parser=lambda args: attempt(lambda: parse(args)))
+    raise SystemExit(0)  # app.run exits itself; this line only states the contract

@@ -1,87 +1,99 @@
-"""Device mesh, batch sharding, parameter sharding rules and multi-host start-up.
+"""Device mesh (ICI and optional DCN axes), batch sharding, the rows each process feeds, parameter sharding rules.
 
 Owns every sharding decision of training (big_vision style): the mesh comes from a config spec such as
-``[("data", -1)]``, batches are sharded over all mesh axes on their leading dimension, and each parameter (or
+``[("data", -1)]`` (plus a DCN spec on multi-slice or multi-node jobs), batches are sharded over all mesh axes on their leading dimension, and each parameter (or
 optimizer-state leaf) gets a rule picked by the first regex of a ``[(regex, rule), ...]`` list that matches its
 ``/``-joined path: ``"replicate"`` or ``"fsdp"`` (shard the largest dimension divisible by the FSDP axis size,
 replicate leaves that have none). Model code never shards anything. Must not import model/, data/ or
 ml_collections.
 """
 
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 RULES = ("replicate", "fsdp")
 
 
-def maybe_initialize_distributed(mode: str = "auto") -> bool:
-    """Joins a multi-process JAX cluster when the environment describes one.
-
-    Must run before anything touches a JAX device.
-
-    Args:
-      mode: ``"auto"`` initialises when the environment names a cluster: ``JAX_COORDINATOR_ADDRESS`` together with
-        ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (explicit), or a SLURM / Open MPI job of more than one task
-        (auto-detected by ``jax.distributed``). ``"on"`` always calls ``jax.distributed.initialize()`` (e.g. TPU
-        pods, whose environment JAX detects itself); ``"off"`` never does.
-
-    Returns:
-      True if this call initialised the distributed runtime.
-    """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"distributed mode must be 'auto', 'on' or 'off', got {mode!r}")
-    if mode == "off" or jax.distributed.is_initialized():
-        return False
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
-        if missing:
-            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all three")
-        jax.distributed.initialize(
-            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-        return True
-    cluster = int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    if mode == "on" or cluster:
-        jax.distributed.initialize()
-        return True
-    return False
-
-
-def make_mesh(spec: Sequence[tuple[str, int]] = (("data", -1),), devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds a mesh from ``[(axis_name, size), ...]``; one size may be -1 (all remaining devices).
-
-    Args:
-      spec: axis names and sizes, outermost first.
-      devices: devices to use (default: all global devices).
-
-    Returns:
-      The mesh, with devices laid out by ``jax.make_mesh`` when all global devices are used.
-    """
-    devices = list(jax.devices() if devices is None else devices)
+def _resolve(spec: Sequence[tuple[str, int]], n: int, what: str) -> tuple[tuple[str, ...], list[int]]:
     names = tuple(str(name) for name, _ in spec)
     sizes = [int(size) for _, size in spec]
     if len(set(names)) != len(names) or not names:
-        raise ValueError(f"mesh spec {list(spec)} must name distinct axes")
+        raise ValueError(f"{what} {list(spec)} must name distinct axes")
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh spec {list(spec)}: sizes must be positive, with at most one -1")
+        raise ValueError(f"{what} {list(spec)}: sizes must be positive, with at most one -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh spec {list(spec)} does not divide {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
+        if n % known:
+            raise ValueError(f"{what} {list(spec)} does not divide {n}")
+        sizes[sizes.index(-1)] = n // known
+    return names, sizes
+
+
+def granules(devices: Sequence[Any], granule: str = "auto") -> tuple[str, int]:
+    """The unit of the slow (DCN) network and how many there are among ``devices``.
+
+    Args:
+      devices: the devices.
+      granule: ``"slice"`` (TPU multi-slice: ``device.slice_index``), ``"process"`` (one host or process per
+        unit: GPU nodes, CPU tests) or ``"auto"`` (slices when every device has a ``slice_index``).
+
+    Returns:
+      ``(attribute, count)``: ``"slice_index"`` or ``"process_index"`` and the number of distinct values.
+    """
+    if granule not in ("auto", "slice", "process"):
+        raise ValueError(f"config.sharding.dcn_granule must be 'auto', 'slice' or 'process', got {granule!r}")
+    if granule == "auto":
+        granule = "slice" if all(getattr(d, "slice_index", None) is not None for d in devices) else "process"
+    attr = f"{granule}_index"
+    return attr, len({getattr(d, attr) for d in devices})
+
+
+def make_mesh(spec: Sequence[tuple[str, int]] = (("data", -1),), devices: Sequence[Any] | None = None, *,
+              dcn_spec: Sequence[tuple[str, int]] = (), granule: str = "auto") -> Mesh:
+    """Builds a mesh from ``[(axis_name, size), ...]``; one size may be -1 (all remaining devices).
+
+    With ``dcn_spec`` the mesh is hybrid (MaxText's ``ici_*`` / ``dcn_*`` parallelism): ``spec`` lays out the
+    devices of one granule (a TPU slice, or a process), ``dcn_spec`` how the granules tile each axis (axes it does
+    not name get 1), and every mesh axis has size ``ici * dcn``. The batch is split over all axes, so a
+    ``dcn_spec`` of ``(("data", -1),)`` puts the granules on the data axis and keeps FSDP (on another axis, or on
+    ``data``'s within-granule part) inside a slice.
+
+    Args:
+      spec: axis names and sizes within one granule (the whole job without ``dcn_spec``), outermost first.
+      devices: devices to use (default: all global devices).
+      dcn_spec: axis names (a subset of ``spec``'s) and the number of granules along each; () = no DCN axis.
+      granule: see :func:`granules`.
+
+    Returns:
+      The mesh (Auto axis types: the step is written for GSPMD propagation).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if dcn_spec:
+        attr, n_granules = granules(devices, granule)
+        dcn_names, dcn_sizes = _resolve(dcn_spec, n_granules, "config.sharding.dcn_mesh")
+        unknown = set(dcn_names) - {str(n) for n, _ in spec}
+        if unknown:
+            raise ValueError(f"config.sharding.dcn_mesh names axes {sorted(unknown)} that the mesh "
+                             f"{[n for n, _ in spec]} does not have")
+        if int(np.prod(dcn_sizes)) != n_granules:
+            raise ValueError(f"config.sharding.dcn_mesh {list(dcn_spec)} needs {int(np.prod(dcn_sizes))} granules "
+                             f"({attr}), the job has {n_granules}")
+        names, sizes = _resolve(spec, len(devices) // n_granules, "config.sharding.mesh (per granule)")
+        dcn = [dict(zip(dcn_names, dcn_sizes)).get(name, 1) for name in names]
+        grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, process_is_granule=attr == "process_index")
+        return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+    names, sizes = _resolve(spec, len(devices), "mesh spec")
     needed = int(np.prod(sizes))
     if needed < len(devices) and jax.process_count() == 1:
         devices = devices[:needed]  # An explicit smaller mesh (debugging, tests) uses the first devices.
     if needed != len(devices):
         raise ValueError(f"mesh spec {list(spec)} needs {needed} devices, {len(devices)} available")
-    # Auto axes: the step is written for GSPMD propagation (jax.make_mesh would default to Explicit axes).
     auto = (AxisType.Auto,) * len(names)
     if len(devices) == jax.device_count():
         return jax.make_mesh(tuple(sizes), names, auto, devices=devices)
@@ -172,20 +184,45 @@ def infer_sharding(tree: Any, rules: Sequence[tuple[str, str]], mesh: Mesh, fsdp
         lambda path, leaf: leaf_sharding(path_str(path), np.shape(leaf), rules, mesh, fsdp_axis), tree)
 
 
-def shard_host_batch(batch: Any, mesh: Mesh) -> Any:
-    """Turns this process's slice of the global batch into globally sharded arrays.
+def process_rows(mesh: Mesh, global_batch: int) -> list[int]:
+    """The global batch rows this process feeds: those its devices hold under :func:`batch_sharding`.
 
-    Each process passes its own rows (its data shard); the global batch is their concatenation in process order.
+    Read from the sharding (``addressable_devices_indices_map``), not assumed contiguous by process index, so
+    hybrid (DCN) meshes and any device order work; the data pipeline produces exactly these rows, in this order.
 
     Args:
-      batch: pytree of host arrays whose leading dimension is the per-process batch.
       mesh: the device mesh.
+      global_batch: rows of the global batch.
+
+    Returns:
+      Sorted global row indices.
+    """
+    rows = set()
+    for index in batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values():
+        rows.update(range(*index[0].indices(global_batch)))
+    return sorted(rows)
+
+
+def shard_host_batch(batch: Any, mesh: Mesh, global_batch: int | None = None) -> Any:
+    """Turns this process's rows of the global batch into globally sharded arrays.
+
+    Args:
+      batch: pytree of host arrays whose leading dimension holds this process's rows (:func:`process_rows`, in
+        that order).
+      mesh: the device mesh.
+      global_batch: rows of the global batch (default: local rows x process count, the even split).
 
     Returns:
       The same pytree of global ``jax.Array`` sharded by :func:`batch_sharding`.
     """
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+    def one(x):
+        x = np.asarray(x)
+        rows = global_batch if global_batch is not None else x.shape[0] * jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
+
+    return jax.tree.map(one, batch)
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:

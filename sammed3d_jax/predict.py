@@ -8,7 +8,9 @@ its own axis order (what a viewer shows as the voxel coordinate), or with ``--wo
 How a scan is processed (the inference chain of ``evaluation/inference.py``): resample to 1.5 mm, reorient to
 RAS+, crop ``S``³ windows (``S`` = the model's crop), z-normalise each window, encode once per window, then feed the
 clicks inside the window one after another, each decode seeing every click so far and the previous logits
-(upstream's interactive loop); probabilities of all windows are averaged and thresholded at 0.5, then pasted back.
+(upstream's interactive loop); probabilities of all windows are averaged and thresholded at
+``inference.MASK_THRESHOLD`` (0.5), then pasted back. The output never replaces the input: ``--out`` equal to
+``--image`` is refused, an existing ``--out`` needs ``--overwrite``, and the mask is written beside it first.
 
 Windows (upstream crops around the ground truth, which a user does not have; the paper extends a first crop with
 50 %-overlap sliding windows where the prediction reaches the patch edge, which is what we do):
@@ -41,12 +43,18 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from jaxtyping import Bool, Float
 from scipy import ndimage, special
 
-from sammed3d_jax.data.nifti import DataFileError, Geometry, read_image, write_nifti
+from sammed3d_jax import cli
+from sammed3d_jax.data.nifti import Geometry, read_image, write_nifti
 from sammed3d_jax.evaluation import inference
 
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+POINTS_FORMAT = "'i,j,k:+' entries separated by ';' (':-' marks background, no sign means '+')"
+POINTS_HELP = (f"clicks as {POINTS_FORMAT}, e.g. '58,39,13:+;60,30,13:-': voxel indices of --image, or RAS+ mm "
+               "with --world")
 _SIGNS = {"+": True, "pos": True, "positive": True, "1": True, "-": False, "neg": False, "negative": False, "0": False}
 
 
@@ -54,12 +62,12 @@ def parse_points(text: str) -> tuple[Float[np.ndarray, "n 3"], Bool[np.ndarray, 
     """Parses ``"i,j,k:+;i,j,k:-"`` into coordinates ``[n, 3]`` and positive flags ``[n]`` (a missing sign is +).
 
     Raises:
-        ValueError: naming the entry that is not three numbers with an optional ``:+``/``:-``.
+        ValueError: naming the entry that is not 'i,j,k' (three finite numbers) with an optional ``:+``/``:-``.
     """
     coords, positive = [], []
     entries = [e.strip() for e in text.replace("\n", ";").split(";") if e.strip()]
     if not entries:
-        raise ValueError("--points: no point given (format 'i,j,k:+;i,j,k:-')")
+        raise ValueError(f"--points: no point given; expected {POINTS_FORMAT}")
     for n, entry in enumerate(entries, 1):
         xyz, _, sign = entry.partition(":")
         sign = sign.strip().lower() or "+"
@@ -68,7 +76,8 @@ def parse_points(text: str) -> tuple[Float[np.ndarray, "n 3"], Bool[np.ndarray, 
         except ValueError:
             values = []
         if len(values) != 3 or not all(math.isfinite(v) for v in values) or sign not in _SIGNS:
-            raise ValueError(f"--points: entry {n} {entry!r} is not 'x,y,z' with an optional ':+' or ':-'")
+            raise ValueError(f"--points: entry {n} {entry!r} is not 'i,j,k' with an optional ':+' or ':-' "
+                             "(entries are separated by ';')")
         coords.append(values)
         positive.append(_SIGNS[sign])
     return np.asarray(coords, np.float64), np.asarray(positive, bool)
@@ -88,7 +97,8 @@ def to_model_grid(coords: Float[np.ndarray, "n 3"], geom: Geometry, grid: Geomet
     for n, (v, c) in enumerate(zip(voxels, coords, strict=True), 1):
         if np.any(v < -0.5) or np.any(v >= shape - 0.5):
             where = f"world {c.tolist()} mm = voxel {np.round(v, 2).tolist()}" if world else f"voxel {c.tolist()}"
-            raise ValueError(f"{source}: point {n} ({where}) lies outside the volume of shape {geom.shape}")
+            raise ValueError(f"--points: point {n} ({where}) lies outside the volume of shape {geom.shape} "
+                             f"({source})")
     on_grid = (world_mm @ np.linalg.inv(grid.affine).T)[:, :3]
     return np.clip(on_grid, 0, np.asarray(grid.shape) - 1).astype(np.float32)
 
@@ -193,6 +203,79 @@ def _grown(start, mask, size, shape, edge_margin):
     return out
 
 
+@dataclasses.dataclass
+class _WindowSearch:
+    """The breadth-first walk over windows of one prediction: the queue, the probabilities summed so far, the log."""
+
+    segmenter: inference.Segmenter
+    case: inference.ResampledCase
+    points: np.ndarray
+    positive: np.ndarray
+    edge_margin: int
+    source: str
+
+    def __post_init__(self):
+        shape = self.case.geom.shape
+        self.prob_sum = np.zeros(shape, np.float32)
+        self.weight = np.zeros(shape, np.float32)
+        self.queue: collections.deque = collections.deque()
+        self.queued: set[tuple[int, ...]] = set()
+        self.ran: list[tuple[int, int, int]] = []
+        self.problems: list[str] = []
+        self.recentred = 0
+
+    @property
+    def size(self) -> int:
+        return self.segmenter.crop_size
+
+    def push(self, start: tuple[int, ...], seed: np.ndarray | None = None, first: bool = False) -> None:
+        (self.queue.appendleft if first else self.queue.append)((start, seed))
+        self.queued.add(start)
+
+    def run(self, start: tuple[int, ...], seed: np.ndarray | None) -> np.ndarray | None:
+        """The window's probabilities, or None when it has no positive click or cannot be normalised (logged)."""
+        clicks = _window_clicks(self.points, self.positive, start, self.size, seed)
+        if not any(s for _, s in clicks):
+            self.queued.discard(start)  # a later grown window may reach it with a propagated click
+            return None
+        try:
+            return _run_window(self.segmenter, self.case, start, clicks, self.source)
+        except ValueError as err:  # e.g. a window over empty background (no voxel > 0): nothing to segment
+            self.problems.append(cli.one_line(err))
+            return None
+
+    def keep(self, start: tuple[int, ...], prob: np.ndarray) -> np.ndarray:
+        """Adds a window's probabilities to the running average; returns its mask on the whole model grid."""
+        src, dst = inference.window_at(self.case.geom.shape, start, self.size).overlap()
+        self.prob_sum[src] += prob[dst]
+        self.weight[src] += 1.0
+        self.ran.append(tuple(int(s) for s in start))
+        mask = np.zeros(self.case.geom.shape, bool)
+        mask[src] = inference.mask_from_probabilities(prob[dst])
+        return mask
+
+    def grow(self, start: tuple[int, ...], mask: np.ndarray) -> None:
+        """Queues the neighbour across every open face the mask touches, seeded at the mask's deepest shared voxel."""
+        for new, overlap in _grown(start, mask, self.size, np.asarray(self.case.geom.shape), self.edge_margin):
+            deepest = None if new in self.queued else _deepest(mask, overlap)
+            if deepest is not None:
+                self.push(new, deepest)
+
+    def mask(self) -> np.ndarray:
+        """The averaged probabilities thresholded, on the model grid (False where no window ran)."""
+        covered = self.weight > 0
+        out = np.zeros(self.case.geom.shape, bool)
+        out[covered] = inference.mask_from_probabilities(self.prob_sum[covered] / self.weight[covered])
+        return out
+
+
+def _check_limits(max_windows: int, recentre: int, edge_margin: int = 1) -> None:
+    for name, value, least in (("--max-windows", max_windows, 1), ("--recentre", recentre, 0),
+                               ("edge_margin", edge_margin, 1)):
+        if int(value) < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+
+
 def predict_mask(segmenter: inference.Segmenter, image: Float[np.ndarray, "h w d"], geom: Geometry,
                  coords: Float[np.ndarray, "n 3"], positive: Bool[np.ndarray, " n"], *, world: bool = False,
                  spacing_mm: Sequence[float] = inference.DEFAULT_SPACING_MM, tile: bool = True, max_windows: int = 27,
@@ -205,77 +288,64 @@ def predict_mask(segmenter: inference.Segmenter, image: Float[np.ndarray, "h w d
         coords: clicks, file voxel indices (or world mm with ``world``); ``positive`` marks target clicks.
         spacing_mm: the model's resampling target.
         tile: tile and grow windows (False: one window around the clicks).
-        max_windows: the most windows run (recentring runs not counted).
+        max_windows: the most windows run (recentring runs not counted), at least 1.
         recentre: the most times the first window is recentred on its own prediction.
         edge_margin: mask voxels this close to an open window face make the window grow there.
         source: name of the image for messages.
 
     Returns:
         The mask on the input grid and the windows used.
+
+    Raises:
+        ValueError: a bad request (no positive click, too many clicks, a click outside the image, a bad limit), or
+            no window around the clicks could be segmented (with each window's reason).
     """
+    _check_limits(max_windows, recentre, edge_margin)
     if not positive.any():
         raise ValueError("--points: give at least one positive click (':+') to name the target")
     if len(coords) + 1 > segmenter.max_clicks:
-        raise ValueError(f"{len(coords)} clicks: at most {segmenter.max_clicks - 1} fit the click buffer")
+        raise ValueError(f"--points: {len(coords)} clicks; at most {segmenter.max_clicks - 1} fit the click buffer")
     case = inference.resample_case(image, geom, None, spacing_mm)
     points = to_model_grid(coords, geom, case.geom, world, source)
-    size, shape = segmenter.crop_size, np.asarray(case.geom.shape)
+    size = segmenter.crop_size
     starts = _initial_starts(points, positive, size, tile)
     if not tile and not np.all(_inside(points, starts[0], size)):
-        raise ValueError(f"the clicks span more than one {size}^3 window at {spacing_mm} mm; allow tiling")
-    prob_sum = np.zeros(case.geom.shape, np.float32)
-    weight = np.zeros(case.geom.shape, np.float32)
-    queue = collections.deque((s, None) for s in starts)
-    queued, ran, problems, recentred = set(starts), [], [], 0
-    while queue and len(ran) < max_windows:
-        start, seed = queue.popleft()
-        clicks = _window_clicks(points, positive, start, size, seed)
-        if not any(s for _, s in clicks):
-            queued.discard(start)  # a later grown window may reach it with a propagated click
+        raise ValueError(f"--points: the clicks span more than one {size}^3 window at {spacing_mm} mm; allow tiling")
+    search = _WindowSearch(segmenter, case, points, positive, edge_margin, source)
+    for start in starts:
+        search.push(start)
+    while search.queue and len(search.ran) < max_windows:
+        start, seed = search.queue.popleft()
+        prob = search.run(start, seed)
+        if prob is None:
             continue
-        try:
-            prob = _run_window(segmenter, case, start, clicks, source)
-        except ValueError as err:  # e.g. a window over empty background (no voxel > 0): nothing to segment
-            problems.append(str(err))
-            continue
-        if not ran and len(starts) == 1 and recentred < recentre:
+        if not search.ran and len(starts) == 1 and search.recentred < recentre:
             # Upstream crops are centred on the target (CropOrPad around the label, in training too), and models
             # segment best with the target in the middle of the window; clicks need not be there.
-            new = _recentred(start, prob > 0.5, size, points, edge_margin)
+            new = _recentred(start, inference.mask_from_probabilities(prob), size, points, edge_margin)
             if new is not None:
-                recentred += 1
-                queue.appendleft((new, None))
-                queued.add(new)
+                search.recentred += 1
+                search.push(new, first=True)
                 continue
-        src, dst = inference.window_at(case.geom.shape, start, size)._overlap()
-        prob_sum[src] += prob[dst]
-        weight[src] += 1.0
-        ran.append(tuple(int(s) for s in start))
-        if not tile:
+        mask = search.keep(start, prob)
+        if tile:
+            search.grow(start, mask)
+        else:
             break
-        mask = np.zeros(case.geom.shape, bool)
-        mask[src] = prob[dst] > 0.5
-        for new, overlap in _grown(start, mask, size, shape, edge_margin):
-            deepest = None if new in queued else _deepest(mask, overlap)
-            if deepest is not None:
-                queue.append((new, deepest))
-                queued.add(new)
-    if not ran:
-        raise ValueError(f"{source}: no window around the clicks could be segmented: {'; '.join(problems)}")
-    covered = weight > 0
-    ras_mask = np.zeros(case.geom.shape, bool)
-    ras_mask[covered] = prob_sum[covered] / weight[covered] > 0.5
-    mask = inference.paste_back(ras_mask, case.geom, case.original_geom)
-    return Prediction(mask, tuple(ran), not queue, recentred)
+    if not search.ran:
+        reasons = "; ".join(search.problems) or "no window held a positive click"
+        raise ValueError(f"{source}: no window around the clicks could be segmented: {reasons}")
+    mask = inference.paste_back(search.mask(), case.geom, case.original_geom)
+    return Prediction(mask, tuple(search.ran), not search.queue, search.recentred)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the prediction CLI; returns the exit status (0 ok, 2 bad input)."""
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sammed3d_jax.predict", description=__doc__.split("\n\n")[1])
     parser.add_argument("--checkpoint", required=True, help="params dir, training workdir, Orbax dir or .pth file")
     parser.add_argument("--image", required=True, help="input scan (.nii/.nii.gz)")
-    parser.add_argument("--points", required=True, help="clicks 'i,j,k:+;i,j,k:-' (voxel indices, or mm with --world)")
+    parser.add_argument("--points", required=True, help=POINTS_HELP)
     parser.add_argument("--out", required=True, help="output mask (.nii/.nii.gz), same grid as --image")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the --image)")
     parser.add_argument("--world", action="store_true", help="points are world coordinates in mm (RAS+)")
     parser.add_argument("--single-window", action="store_true", help="one crop around the clicks, no tiling")
     parser.add_argument("--max-windows", type=int, default=27, help="most windows run when tiling (default 27)")
@@ -289,24 +359,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     while argv:
         arg = argv.pop(0)
         glued.append(f"--points={argv.pop(0)}" if arg == "--points" and argv else arg)
-    args = parser.parse_args(glued)
-    from sammed3d_jax.checkpoint.pth_reader import CheckpointError
+    return parser.parse_args(glued)
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Everything about the command line that can be refused before reading a file or the model."""
+    coords, positive = parse_points(args.points)
+    _check_limits(args.max_windows, args.recentre)
+    if not any(args.out.endswith(s) for s in NIFTI_SUFFIXES):
+        raise cli.UsageError(f"--out {args.out}: the file name must end in .nii or .nii.gz")
+    for name, path in (("--image", args.image), ("--checkpoint", args.checkpoint)):
+        if not epath.Path(path).exists():
+            raise cli.UsageError(f"{name} {path}: does not exist")
+    cli.check_output_path(args.out, inputs=[args.image, args.checkpoint], overwrite=args.overwrite, name="--out")
+    return coords, positive
+
+
+def _write_mask(path: str, mask: np.ndarray, geom: Geometry) -> None:
+    """Writes beside ``path`` first and moves into place, so a failed write never leaves half a file there."""
+    out = epath.Path(path)
+    suffix = next(s for s in NIFTI_SUFFIXES if out.name.endswith(s))
+    partial = out.parent / f".{out.name[: -len(suffix)]}.partial{suffix}"
+    try:
+        write_nifti(partial, mask.astype(np.uint8), geom)
+        partial.replace(out)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
+@cli.guarded
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the prediction CLI; returns 0, or exits with status 2 and one line for bad input."""
+    args = _parse_args(argv)
+    cli.quiet_library_logs()
+    coords, positive = _check_arguments(args)
+    image, geom = read_image(args.image)
     from sammed3d_jax.evaluation.checkpoints import load_checkpoint
 
-    try:
-        coords, positive = parse_points(args.points)
-        image, geom = read_image(args.image)
-        if not (args.out.endswith(".nii") or args.out.endswith(".nii.gz")):
-            raise ValueError(f"--out {args.out}: file name must end in .nii or .nii.gz")
-        loaded = load_checkpoint(args.checkpoint, args.config or None, args.dtype)
-        segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=max(8, len(coords) + 1))
-        result = predict_mask(segmenter, image, geom, coords, positive, world=args.world,
-                              tile=not args.single_window, max_windows=args.max_windows, recentre=args.recentre,
-                              source=args.image)
-        write_nifti(args.out, result.mask.astype(np.uint8), geom)
-    except (CheckpointError, DataFileError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    loaded = load_checkpoint(args.checkpoint, args.config or None, args.dtype, config_flag="--config")
+    segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=max(8, len(coords) + 1))
+    result = predict_mask(segmenter, image, geom, coords, positive, world=args.world, tile=not args.single_window,
+                          max_windows=args.max_windows, recentre=args.recentre, source=args.image)
+    _write_mask(args.out, result.mask, geom)
     note = "" if result.complete else f" (stopped at --max-windows {args.max_windows}; the mask may be cut)"
     if not result.mask.any():
         note += " (empty: try a click nearer the middle of the target, or more clicks)"

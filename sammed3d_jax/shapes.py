@@ -1,6 +1,6 @@
 """Array shapes, axis order and prompt-label values: the one statement the whole package follows.
 
-Axis order (decided, see STYLE.md §3)
+Axis order
 - Volumes are channels-last ``[b, h, w, d, c]``. ``(h, w, d)`` are the nibabel voxel axes ``(i, j, k)`` of the
   image after reorientation to RAS+, i.e. "spatial axis 0, 1, 2". Upstream SAM-Med3D feeds torchio tensors
   ``(B, 1, X0, X1, X2)`` whose spatial axes are exactly these; PyTorch calls them ``(D, H, W)``.
@@ -20,18 +20,7 @@ Point labels (int32)
   (prompt-less) call.
 """
 
-from typing import TypeAlias
-
-from jaxtyping import Array, Bool, Float, Int
-
 POSITIVE = 1
 NEGATIVE = 0
 NOT_A_POINT = -1
 ABSENT = -2
-
-Volume: TypeAlias = Float[Array, "b h w d 1"]
-Mask: TypeAlias = Bool[Array, "b h w d"]
-Points: TypeAlias = Float[Array, "b n 3"]
-PointLabels: TypeAlias = Int[Array, "b n"]
-MaskLogits: TypeAlias = Float[Array, "b h4 w4 d4 m"]
-ImageEmbedding: TypeAlias = Float[Array, "b g0 g1 g2 c"]

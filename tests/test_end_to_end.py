@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from sammed3d_jax import predict
-from sammed3d_jax.data.nifti import read_geometry, read_label
-from sammed3d_jax.evaluation import runner
+from sammed3d_jax.data.nifti import read_image, read_label
+from sammed3d_jax.evaluation import inference, metrics, runner
+from sammed3d_jax.evaluation.checkpoints import load_checkpoint
 from sammed3d_jax.evaluation.config import get_config as eval_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,19 +53,34 @@ def test_train_evaluate_predict(tmp_path, capsys):
     config.max_cases = 1
     config.mni152 = False
     config.progress = False
+    config.save_masks = True
     summary = runner.evaluate(config, str(workdir), None, str(tmp_path / "eval"))
     assert summary["checkpoint"]["kind"] == "workdir" and summary["checkpoint"]["step"] == 2
-    assert summary["counts"]["cases"] == 1 and summary["counts"]["scored"] == 3 and summary["counts"]["failed"] == 0
+    assert summary["counts"] == {"cases": 1, "targets": 3, "scored": 3, "failed": 0, "skipped": 0}
     on_disk = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert 0.0 <= on_disk["overall"]["dice_8"]["mean"] <= 1.0 and on_disk["overall"]["dice_8"]["n"] == 3
-    assert (tmp_path / "eval" / "dice_vs_clicks.png").exists() and (tmp_path / "eval" / "per_target.csv").exists()
-    assert "synth/ellipsoid" not in on_disk["per_target"] and "synthetic/ellipsoid" in on_disk["per_target"]
+    assert on_disk["overall"]["dice_8"]["n"] == 3 and sorted(on_disk["per_target"]) == [
+        "synthetic/blob", "synthetic/ellipsoid", "synthetic/tube"]
+    # The saved label map is the prediction after 8 clicks on the label's own grid; the last target written (blob,
+    # value 3) is never overwritten, so its Dice recomputed from the file must be the reported one, exactly.
+    label, label_geom = read_label(workdir / "data" / "synthetic" / "labelsTr" / "synth_000.nii.gz")
+    saved, saved_geom = read_label(tmp_path / "eval" / "masks" / "synthetic" / "synth_000.nii.gz")
+    assert saved_geom == label_geom and set(np.unique(saved)) <= {0, 1, 2, 3}
+    blob = next(r for r in on_disk["metric_per_target"] if r["target"] == "blob")
+    assert metrics.dice(saved == 3, label == 3) == pytest.approx(blob["dice_8"], abs=1e-12)
+    assert (tmp_path / "eval" / "dice_vs_clicks.png").read_bytes()[:4] == b"\x89PNG"
 
     image = workdir / "data" / "synthetic" / "imagesTr" / "synth_000_0000.nii.gz"
-    label, _ = read_label(workdir / "data" / "synthetic" / "labelsTr" / "synth_000.nii.gz")
     inside = np.argwhere(label == 1)[len(np.argwhere(label == 1)) // 2]
     out = tmp_path / "mask.nii.gz"
     code = predict.main(["--checkpoint", str(workdir), "--image", str(image),
                          "--points", "{},{},{}:+".format(*inside), "--out", str(out), "--max-windows", "4"])
     assert code == 0, capsys.readouterr().err
-    assert read_geometry(out) == read_geometry(image)
+    # The file holds what the library computes for the same checkpoint and click, on the scan's own grid.
+    mask, mask_geom = read_label(out)
+    scan, scan_geom = read_image(image)
+    assert mask_geom == scan_geom and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    loaded = load_checkpoint(workdir)
+    segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=8)
+    expected = predict.predict_mask(segmenter, scan, scan_geom, inside[None].astype(float), np.array([True]),
+                                    max_windows=4)
+    np.testing.assert_array_equal(mask, expected.mask.astype(np.uint8))

@@ -1,37 +1,51 @@
-"""The prepared-volume store that ``data/prepare.py`` writes and ``data/pipeline.py`` reads.
+"""The prepared store's on-disk format: index, record type, case keys, signatures and atomic writes.
 
-Owns the on-disk format (``FORMAT``), the record type ``PreparedRecord`` and atomic writes. numpy/json only;
-must not import jax, flax, grain, nibabel or the model.
+Owns ``FORMAT``, ``PreparedRecord``, ``case_key`` / ``file_signature`` (what resume compares) and the atomic
+writers; ``data/prepare.py`` writes a store, ``data/store.py`` reads windows out of it. numpy/json/etils only;
+must not import jax, flax, grain, nibabel or the model. Every path goes through ``etils.epath``, so the index
+and the window-shard store work on ``gs://``; only the ``.npy`` store needs a local or mounted folder (memory maps).
 
-Layout of a prepared folder::
+Two kinds of store share the index ``OUT/prepared.json`` (format, storage, spacing, source, records, skipped):
 
-    OUT/prepared.json                index: format, spacing, source, records (one per binary target), skipped
+``storage: "npy"`` (the single-host default)::
+
     OUT/cases/<key>/image.npy        float32 [h, w, d], RAS+ array order, resampled to the target spacing
     OUT/cases/<key>/label_<v>.npy    uint8 [h, w, d] in {0, 1}, the target "label == v" on the same grid
-    OUT/cases/<key>/case.json        per-case completion marker (written last; resume skips a case that has one
-                                     whose source signature and settings match)
-    OUT/failed/<key>.json            per-case failure marker (reason + source signature); not retried while the
-                                     source files are unchanged
+    OUT/cases/<key>/case.json        per-case completion marker (resume skips a case whose marker matches)
+    OUT/failed/<key>.json            per-case failure marker (not retried while the source files are unchanged)
 
-Each image is stored once, however many targets it has. ``.npy`` files are opened with ``np.load(mmap_mode="r")``,
-so a crop reads only the pages it touches and worker processes share the page cache.
+``storage: "windows"`` (for pods: few large files, no shared POSIX file system, ``data/store.py``)::
+
+    OUT/shards/part-<i>-of-<n>.windows   per target its crop window of ``window_size``^3 at offset
+                                          ``position * 5 W^3``: image float32 LE then label uint8, C order
+
+A store prepared as ``--num-shards N`` runs first holds ``OUT/parts/part-<i>-of-<n>.json`` (each run's records
+and skips); the last run to finish (or the first reader) merges them into ``prepared.json``.
+
+Case keys are ``<dataset>__<case>-<hash>`` where the hash is of the case's dataset-relative identity (the image
+path relative to the dataset root), and signatures are size + a hash of the file's first and last 64 KiB; so a
+copied or moved dataset, or a moved store, resumes and reads as before.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
-import pathlib
 import re
-import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
+from etils import epath
 from jaxtyping import Shaped
 
 FORMAT = "sammed3d_jax.prepared/1"
 INDEX_NAME = "prepared.json"
+STORAGE_KINDS = ("npy", "windows")
+# What a store is made with; a run with other values is refused, and shard parts must agree on them.
+SETTING_KEYS = ("storage", "spacing_mm", "min_target_mm3", "window_size")
 PathLike = str | os.PathLike
+SIGNATURE_BYTES = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +56,16 @@ class PreparedRecord:
         id: unique id, ``<case key>/<label value>``.
         case, dataset, target, modality: from the source manifest record.
         label_value: value of the target in the source label map.
-        image, label: paths of the ``.npy`` files relative to the prepared folder.
-        shape: spatial shape of both arrays (RAS+ array order).
+        image, label: files relative to the store (``.npy`` arrays; for window shards both name the shard).
+        shape: spatial shape of the prepared volume (RAS+ array order).
         spacing_mm: voxel size per array axis.
         affine: 4x4 voxel -> world (RAS+ mm) matrix of the prepared grid.
         bbox: per axis ``[first, last + 1)`` of the target's voxels on the prepared grid.
         foreground_voxels: target voxels on the prepared grid.
         source_volume_mm3: target volume measured on the source grid (upstream's small-target rule uses it).
-        source_image, source_label: the files it was made from.
+        source_image, source_label: the files it was made from (as given when it was prepared).
+        position: window shards: the record's index in its shard file (-1 for ``.npy``).
+        window_start: window shards: volume index of the stored window's first voxel per axis.
     """
 
     id: str
@@ -68,6 +84,8 @@ class PreparedRecord:
     source_volume_mm3: float
     source_image: str
     source_label: str
+    position: int = -1
+    window_start: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,12 +93,13 @@ class PreparedRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PreparedRecord":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data)
+        optional = {"position", "window_start"}
+        missing = names - optional - set(data)
         if missing:
             raise ValueError(f"prepared record {data.get('id', '?')} lacks fields {sorted(missing)}")
         return cls(
             **{
-                **{k: data[k] for k in names},
+                **{k: data[k] for k in names if k in data},
                 "shape": tuple(int(s) for s in data["shape"]),
                 "spacing_mm": tuple(float(s) for s in data["spacing_mm"]),
                 "affine": tuple(tuple(float(v) for v in row) for row in data["affine"]),
@@ -88,82 +107,124 @@ class PreparedRecord:
                 "label_value": int(data["label_value"]),
                 "foreground_voxels": int(data["foreground_voxels"]),
                 "source_volume_mm3": float(data["source_volume_mm3"]),
+                "position": int(data.get("position", -1)),
+                "window_start": tuple(int(s) for s in data.get("window_start", ())),
             }
         )
 
 
-def case_key(dataset: str, case: str, image_path: PathLike) -> str:
-    """Folder name of a case: readable ``<dataset>__<case>`` plus a short hash of the image path (unique)."""
+def case_key(dataset: str, case: str, identity: str) -> str:
+    """Folder name of a case: readable ``<dataset>__<case>`` plus a short hash of ``identity`` (unique).
+
+    ``identity`` is the case's dataset-relative identity (its image path relative to the dataset root), never an
+    absolute path, so the key survives copying or moving the dataset.
+    """
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}__{case}").strip("._") or "case"
-    digest = hashlib.sha1(os.path.abspath(os.fspath(image_path)).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
     return f"{readable[:80]}-{digest}"
 
 
-def file_signature(path: PathLike) -> list[int] | None:
-    """``[size, mtime_ns]`` of a file (None if it does not exist): what resume compares to detect changes."""
+def file_signature(path: PathLike) -> list | None:
+    """``[size, sha1 of the first and last 64 KiB]`` of a file (None if it does not exist): what resume compares.
+
+    Content, not modification time, so a copied dataset still matches; a gzip file's last bytes hold the CRC-32 of
+    all its data, so any change to a ``.nii.gz`` changes the signature.
+    """
+    path = epath.Path(path)
     try:
-        st = os.stat(path)
-    except OSError:
+        size = path.stat().length
+        with path.open("rb") as f:
+            head = f.read(SIGNATURE_BYTES)
+            if size > 2 * SIGNATURE_BYTES:
+                f.seek(size - SIGNATURE_BYTES)
+            tail = f.read()
+    except (OSError, FileNotFoundError):
         return None
-    return [int(st.st_size), int(st.st_mtime_ns)]
+    return [int(size), hashlib.sha1(head + b"|" + tail).hexdigest()]
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    # Write next to the destination and rename: a reader (or a resumed run) never sees a half-written file.
+def atomic_write(path: PathLike, write) -> None:
+    """Writes through ``write(binary_file)`` to a temporary name next to ``path``, then renames it into place.
+
+    A reader (or a resumed run) never sees a half-written file; on error the temporary file is removed.
+    """
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with tmp.open("wb") as f:
             write(f)
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
         raise
 
 
 def save_array(path: PathLike, array: Shaped[np.ndarray, "..."]) -> None:
     """Writes ``array`` as ``.npy`` atomically (temporary file + rename)."""
-    _atomic_write(pathlib.Path(path), lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def write_json(path: PathLike, obj: Any) -> None:
     """Writes JSON atomically."""
-    _atomic_write(pathlib.Path(path), lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def read_json(path: PathLike) -> Any:
     """Reads a JSON file; a missing or malformed file raises ValueError naming it."""
+    path = epath.Path(path)
     try:
-        return json.loads(pathlib.Path(path).read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError as err:
         raise ValueError(f"{path}: file not found") from err
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({err})") from err
 
 
+def parse_index(meta: Any, path: PathLike) -> tuple[dict[str, Any], list[PreparedRecord]]:
+    """Checks a loaded index and splits it into ``(meta without records, records)``."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: not a {FORMAT} index (format {found!r})")
+    meta = dict(meta)
+    meta.setdefault("storage", "npy")
+    if meta["storage"] not in STORAGE_KINDS:
+        raise ValueError(f"{path}: unknown storage {meta['storage']!r} (this code reads {STORAGE_KINDS})")
+    try:
+        records = [PreparedRecord.from_json(r) for r in meta.pop("records")]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: malformed record ({err})") from err
+    return meta, records
+
+
 def read_index(prepared_dir: PathLike) -> tuple[dict[str, Any], list[PreparedRecord]]:
     """Reads ``prepared.json``.
 
     Returns:
-        ``(meta, records)``: meta holds everything but the records (format, spacing_mm, source, skipped, ...).
+        ``(meta, records)``: meta holds everything but the records (format, storage, spacing_mm, source, ...).
 
     Raises:
         ValueError: missing index (run ``python -m sammed3d_jax.data.prepare`` first), other format, bad record.
     """
-    path = pathlib.Path(prepared_dir) / INDEX_NAME
+    path = epath.Path(prepared_dir) / INDEX_NAME
     if not path.exists():
         raise ValueError(f"{path}: no prepared index; run `python -m sammed3d_jax.data.prepare SRC {prepared_dir}`")
-    meta = read_json(path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} index (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    records = [PreparedRecord.from_json(r) for r in meta.pop("records")]
-    return meta, records
+    return parse_index(read_json(path), path)
+
+
+def local_path(path: PathLike) -> str:
+    """``path`` as a local file name, or ValueError for an object-store URL (memory maps need a file system)."""
+    text = os.fspath(path)
+    if "://" in text:
+        raise ValueError(f"{text}: the .npy store is memory-mapped and needs a local or mounted folder; prepare "
+                         "with --store windows to read from object storage")
+    return text
 
 
 def open_array(prepared_dir: PathLike, relative: str) -> Shaped[np.ndarray, "..."]:
     """Memory-maps one stored ``.npy`` array read-only (truncated files raise ValueError naming the file)."""
-    path = os.path.join(os.fspath(prepared_dir), relative)
+    path = os.path.join(local_path(prepared_dir), relative)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:

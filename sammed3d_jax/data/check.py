@@ -17,10 +17,13 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
+from sammed3d_jax import cli
+from sammed3d_jax.data import paths
 from sammed3d_jax.data.manifest import Record, load_records
-from sammed3d_jax.data.nifti import DataFileError, nonfinite_message, read_image, read_label
+from sammed3d_jax.data.nifti import DataFileError, Geometry, nonfinite_message, read_geometry, read_image, read_label
 
 # Image and label grids must agree to this much: direction/spacing entries (mm per voxel) and origin (mm).
 # Loose enough for float32 header rounding by different writers, far below any real misregistration.
@@ -36,42 +39,39 @@ class Problem:
     problem: str
 
 
+def _header_geometry(path: str):
+    # The voxel data could not be read; the header may still be, so geometry mismatches are reported as well.
+    try:
+        return read_geometry(path)
+    except DataFileError:
+        return None
+
+
 def _validate_pair(image_path: str, label_path: str, targets: Sequence[Record]) -> list[Problem]:
     problems = []
-    image = label = None
+    label = image_geom = label_geom = None
     for path, what in ((image_path, "image"), (label_path, "label")):
-        if not os.path.exists(path):
+        if not epath.Path(path).exists():
             other = label_path if what == "image" else image_path
-            problems.append(Problem(path, f"{what} file not found (missing pair of {os.path.basename(other)})"))
-    try:
-        if os.path.exists(image_path):
+            problems.append(Problem(path, f"{what} file not found (missing pair of {epath.Path(other).name})"))
+    if epath.Path(image_path).exists():
+        try:
             image, image_geom = read_image(image_path, allow_nonfinite=True)
             message = nonfinite_message(image)
             if message:
                 problems.append(Problem(image_path, message))
-    except DataFileError as err:
-        problems.append(Problem(image_path, err.problem))
-    try:
-        if os.path.exists(label_path):
+            del image
+        except DataFileError as err:
+            problems.append(Problem(image_path, err.problem))
+            image_geom = _header_geometry(image_path)
+    if epath.Path(label_path).exists():
+        try:
             label, label_geom = read_label(label_path)
-    except DataFileError as err:
-        problems.append(Problem(label_path, err.problem))
-    if image is not None and label is not None:
-        if image_geom.shape != label_geom.shape:
-            problems.append(
-                Problem(label_path, f"shape {label_geom.shape} differs from the image's {image_geom.shape}")
-            )
-        else:
-            diff = np.abs(image_geom.affine - label_geom.affine)
-            if diff[:3, :3].max() > LINEAR_TOL or diff[:3, 3].max() > ORIGIN_TOL_MM:
-                problems.append(
-                    Problem(
-                        label_path,
-                        f"affine differs from the image's (max difference {diff.max():.3g}; image "
-                        f"{''.join(image_geom.orientation)} {image_geom.spacing_mm}, label "
-                        f"{''.join(label_geom.orientation)} {label_geom.spacing_mm})",
-                    )
-                )
+        except DataFileError as err:
+            problems.append(Problem(label_path, err.problem))
+            label_geom = _header_geometry(label_path)
+    if image_geom is not None and label_geom is not None:
+        problems += _geometry_problems(image_geom, label_geom, label_path)
     if label is not None:
         counts = None
         for record in targets:
@@ -85,6 +85,17 @@ def _validate_pair(image_path: str, label_path: str, targets: Sequence[Record]) 
                     )
                 )
     return problems
+
+
+def _geometry_problems(image_geom: Geometry, label_geom: Geometry, label_path: str) -> list[Problem]:
+    if image_geom.shape != label_geom.shape:
+        return [Problem(label_path, f"shape {label_geom.shape} differs from the image's {image_geom.shape}")]
+    diff = np.abs(image_geom.affine - label_geom.affine)
+    if diff[:3, :3].max() > LINEAR_TOL or diff[:3, 3].max() > ORIGIN_TOL_MM:
+        return [Problem(label_path, f"affine differs from the image's (max difference {diff.max():.3g}; image "
+                                    f"{''.join(image_geom.orientation)} {image_geom.spacing_mm}, label "
+                                    f"{''.join(label_geom.orientation)} {label_geom.spacing_mm})")]
+    return []
 
 
 def validate_records(records: Sequence[Record], *, workers: int = 1, progress: bool = False) -> list[Problem]:
@@ -120,8 +131,10 @@ def format_table(problems: Sequence[Problem], root: str | None = None) -> str:
     """Problems as a two-column text table; files under ``root`` are shown relative to it."""
 
     def _short(path):
-        if root and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
-            return os.path.relpath(path, root)
+        if root:
+            shown = paths.relative(path, root)
+            if not shown.startswith("../"):
+                return shown
         return path
 
     rows = [(_short(p.file), p.problem) for p in problems]
@@ -131,6 +144,7 @@ def format_table(problems: Sequence[Problem], root: str | None = None) -> str:
     return "\n".join(lines)
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 clean, 1 problems found, 2 DATASET unusable)."""
     parser = argparse.ArgumentParser(
@@ -149,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     problems = [Problem(f, p) for f, p in found]
     problems = sorted(set(problems + validate_records(records, workers=args.workers, progress=not args.no_progress)))
-    root = args.dataset if os.path.isdir(args.dataset) else os.path.dirname(os.path.abspath(args.dataset))
+    dataset = epath.Path(args.dataset)
+    root = os.fspath(dataset if dataset.is_dir() else dataset.parent)
     n_cases = len({(r.image, r.label) for r in records})
     summary = f"{args.dataset}: {n_cases} cases, {len(records)} targets"
     if not problems:

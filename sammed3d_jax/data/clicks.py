@@ -1,6 +1,6 @@
 """Click simulation on device: the next prompt point drawn from the error of the current prediction.
 
-Owns the simulated-user rules of upstream SAM-Med3D (spec §4.1) in ``jax.numpy``, with fixed shapes, batched over
+Owns the simulated-user rules of upstream SAM-Med3D in ``jax.numpy``, with fixed shapes, batched over
 the leading axis, jit-able and vmappable:
 
 - ``sample_click``: the "random" rule used in training and in current inference. The click is drawn uniformly
@@ -20,30 +20,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from sammed3d_jax.shapes import ABSENT, NEGATIVE, POSITIVE
-
-# Parity (quirk 8): upstream training (utils/click_method.py) compares the *logits* with 0.5, i.e. a probability
-# threshold of sigmoid(0.5) ≈ 0.6225. Pass this as ``logit_threshold`` to reproduce training exactly.
-TRAIN_LOGIT_THRESHOLD = 0.5
-# Current upstream inference thresholds probabilities at 0.5, i.e. logits at 0 (the default here).
-INFERENCE_LOGIT_THRESHOLD = 0.0
-
-
-def threshold_logits(
-    logits: Float[Array, "b h w d"] | Float[Array, "b h w d 1"], *, logit_threshold: float = INFERENCE_LOGIT_THRESHOLD
-) -> Bool[Array, "b h w d"]:
-    """Binarises mask logits as upstream does: ``logits > logit_threshold`` (strict).
-
-    Args:
-      logits: full-resolution mask logits; a trailing channel axis of size 1 is dropped.
-      logit_threshold: threshold on the logits. Default ``INFERENCE_LOGIT_THRESHOLD = 0.0`` (probability > 0.5, the
-        rule of upstream inference); ``TRAIN_LOGIT_THRESHOLD = 0.5`` reproduces upstream training (quirk 8).
-
-    Returns:
-      The boolean prediction.
-    """
-    if logits.ndim == 5:
-        logits = logits[..., 0]
-    return logits > logit_threshold
 
 
 def _uniform_index(key: PRNGKeyArray, mask: Bool[Array, "b h w d"]) -> tuple[Int[Array, " b"], Int[Array, " b"]]:
@@ -99,8 +75,8 @@ def sample_click(
     Per batch row, with ``fn = gt & ~pred`` and ``fp = pred & ~gt``:
 
     - if ``fn | fp`` is non-empty, the click is a voxel drawn uniformly from it, labelled ``POSITIVE`` (1) iff it
-      lies in ``fn`` and ``NEGATIVE`` (0) otherwise (spec §4.1; equals ``gt`` at the click);
-    - if there is no error voxel (perfect prediction; upstream training crashes here, quirk 19) the click is a
+      lies in ``fn`` and ``NEGATIVE`` (0) otherwise (equals ``gt`` at the click);
+    - if there is no error voxel (perfect prediction; upstream's training click function crashes here) the click is a
       uniform ground-truth voxel labelled ``POSITIVE``, as upstream inference does. With an all-False ``pred``
       this is the first click: a uniform foreground voxel;
     - if there is no error and ``gt`` is empty (both masks empty) there is nothing to click: the label is
@@ -113,7 +89,8 @@ def sample_click(
     Args:
       key: PRNG key.
       gt: ground-truth target masks.
-      pred: current binary predictions (see ``threshold_logits``).
+      pred: current binary predictions (the caller thresholds its logits: inference at probability 0.5,
+        upstream training at logit 0.5).
 
     Returns:
       ``(points, labels)``: float32 voxel indices in array-axis order and int32 labels (1, 0 or -2).
@@ -122,22 +99,6 @@ def sample_click(
     error = fn | fp
     has_error = jnp.any(error, axis=(1, 2, 3))
     return _click_from_candidates(key, gt, jnp.where(has_error[:, None, None, None], error, gt))
-
-
-def sample_click_from_logits(
-    key: PRNGKeyArray,
-    gt: Bool[Array, "b h w d"],
-    logits: Float[Array, "b h w d"] | Float[Array, "b h w d 1"],
-    *,
-    logit_threshold: float = INFERENCE_LOGIT_THRESHOLD,
-) -> tuple[Float[Array, "b 3"], Int[Array, " b"]]:
-    """``sample_click`` on ``threshold_logits(logits, logit_threshold=...)``.
-
-    The default ``0.0`` is upstream inference's rule (probability > 0.5); pass ``TRAIN_LOGIT_THRESHOLD`` (0.5 on
-    the logits, quirk 8) to reproduce upstream training. All-zero logits (upstream's first step) give an empty
-    prediction under either threshold.
-    """
-    return sample_click(key, gt, threshold_logits(logits, logit_threshold=logit_threshold))
 
 
 def _squared_distance_pass(g, axis: int, spacing_mm: float):
@@ -210,7 +171,7 @@ def sample_click_ritm(
     pred: Bool[Array, "b h w d"],
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> tuple[Float[Array, "b 3"], Int[Array, " b"]]:
-    """Draws a click in the interior of the larger error (upstream's "ritm" rule, spec §4.1).
+    """Draws a click in the interior of the larger error (upstream's "ritm" rule).
 
     Per batch row: ``dt_fn`` and ``dt_fp`` are the Euclidean distance transforms of the false negatives and
     false positives (``euclidean_distance_transform``, border counted as background, as upstream pads by one zero

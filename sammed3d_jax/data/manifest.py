@@ -1,7 +1,7 @@
 """Dataset discovery and the manifest: which (image, label, target) pairs a dataset holds.
 
 Owns: ``Record`` (one binary target of one case), ``discover(root)`` for the two layouts users have, and the
-manifest JSON file (``write_manifest`` / ``read_manifest``). Layouts (UPSTREAM.md §3.1):
+manifest JSON file (``write_manifest`` / ``read_manifest``). Layouts:
 
 - upstream SAM-Med3D: ``<root>/<target>/<dataset>/labelsTr/<case>.nii.gz`` with binary labels (value 1) and
   the image at the same file name under ``imagesTr`` (upstream replaces "labels" by "images"; we do it in the
@@ -24,12 +24,13 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import pathlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
+from sammed3d_jax.data import paths
 from sammed3d_jax.data.nifti import DataFileError, read_label
 
 PathLike = str | os.PathLike
@@ -68,7 +69,7 @@ def _strip_ending(name: str) -> str | None:
     return None
 
 
-def _nifti_files(folder: pathlib.Path) -> list[pathlib.Path]:
+def _nifti_files(folder: epath.Path) -> list[epath.Path]:
     # Hidden files are skipped: MSD archives ship macOS "._<case>.nii.gz" resource forks next to the data.
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _strip_ending(p.name))
 
@@ -79,9 +80,11 @@ def detect_layout(root: PathLike, split: str = "Tr") -> str:
     Raises:
         ValueError: ``root`` is not a folder or matches neither layout (the message names the folder).
     """
-    root = pathlib.Path(root)
+    root = epath.Path(root)
+    if not root.exists():
+        raise ValueError(f"{root}: does not exist")
     if not root.is_dir():
-        raise ValueError(f"{root}: not a folder")
+        raise ValueError(f"{root}: not a folder (give a dataset folder or a manifest .json)")
     if (root / "dataset.json").is_file():
         return "nnunet"
     children = sorted(p for p in root.iterdir() if p.is_dir())
@@ -97,7 +100,7 @@ def detect_layout(root: PathLike, split: str = "Tr") -> str:
     )
 
 
-def _upstream_dataset(folder: pathlib.Path, target: str, split: str) -> list[Record]:
+def _upstream_dataset(folder: epath.Path, target: str, split: str) -> list[Record]:
     prefix = folder.name.split("_", 1)[0].lower() if "_" in folder.name else "unknown"
     records = []
     for label in _nifti_files(folder / f"labels{split}"):
@@ -107,7 +110,7 @@ def _upstream_dataset(folder: pathlib.Path, target: str, split: str) -> list[Rec
     return records
 
 
-def _label_names(meta: dict, path: pathlib.Path) -> tuple[dict[int, str], set[int]]:
+def _label_names(meta: dict, path: epath.Path) -> tuple[dict[int, str], set[int]]:
     """dataset.json "labels" -> ({value: name} without background, {ignored values})."""
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
@@ -146,7 +149,7 @@ def _label_values(path: str) -> tuple[str, list[int] | str]:
     return path, np.unique(label).tolist()
 
 
-def _nnunet_dataset(folder, split, scan_labels, workers, problems):
+def _nnunet_dataset(folder, split, scan_labels, workers, problems, keep=None):
     meta_path = folder / "dataset.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -172,6 +175,8 @@ def _nnunet_dataset(folder, split, scan_labels, workers, problems):
         if not image.exists() and (images_dir / label.name).exists():
             image = images_dir / label.name  # raw MSD: one (possibly 4-D) file per case, no channel suffix
         pairs.append((case, str(image), str(label)))
+    if keep is not None:  # before the label scan: a shard of a big dataset reads only its own label maps
+        pairs = [p for p in pairs if keep(folder.name, p[0], p[1])]
     if scan_labels:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             values = dict(pool.map(_label_values, [label for _, _, label in pairs]))
@@ -182,6 +187,9 @@ def _nnunet_dataset(folder, split, scan_labels, workers, problems):
         found = values[label]
         if isinstance(found, str):
             problems.append((label, found))
+            continue
+        if scan_labels and not [v for v in found if v != 0 and v not in ignored]:
+            problems.append((label, f"empty label map: no target voxel (values present: {found})"))
             continue
         for value in found:
             if value == 0 or value in ignored:
@@ -194,19 +202,23 @@ def _nnunet_dataset(folder, split, scan_labels, workers, problems):
 
 
 def discover_with_problems(
-    root: PathLike, *, split: str = "Tr", scan_labels: bool = True, workers: int | None = None
+    root: PathLike, *, split: str = "Tr", scan_labels: bool = True, workers: int | None = None,
+    keep: Callable[[str, str, str], bool] | None = None,
 ) -> tuple[list[Record], list[tuple[str, str]]]:
-    """Like ``discover``, also returning the (file, problem) pairs found on the way instead of warning."""
-    root = pathlib.Path(root).resolve()
+    """Like ``discover``, also returning the (file, problem) pairs found on the way instead of warning.
+
+    ``keep(dataset, case, image_path)``, if given, selects cases before any label map is read.
+    """
+    root = epath.Path(paths.absolute(root))
     layout = detect_layout(root, split)
     workers = workers or min(8, os.cpu_count() or 1)
     problems: list[tuple[str, str]] = []
     if layout == "nnunet":
-        records = _nnunet_dataset(root, split, scan_labels, workers, problems)
+        records = _nnunet_dataset(root, split, scan_labels, workers, problems, keep)
     elif layout == "nnunet_collection":
         records = []
         for child in sorted(p for p in root.iterdir() if (p / "dataset.json").is_file()):
-            records += _nnunet_dataset(child, split, scan_labels, workers, problems)
+            records += _nnunet_dataset(child, split, scan_labels, workers, problems, keep)
     elif layout == "upstream_dataset":
         records = _upstream_dataset(root, root.parent.name, split)
     else:
@@ -214,7 +226,9 @@ def discover_with_problems(
         for target in sorted(p for p in root.iterdir() if p.is_dir()):
             for dataset in sorted(p for p in target.iterdir() if (p / f"labels{split}").is_dir()):
                 records += _upstream_dataset(dataset, target.name, split)
-    if not records and not problems:
+    if keep is not None:
+        records = [r for r in records if keep(r.dataset, r.case, r.image)]
+    if not records and not problems and keep is None:
         problems.append((str(root), f"no label files found ({layout} layout, split {split!r})"))
     return records, problems
 
@@ -263,13 +277,12 @@ def write_manifest(path: PathLike, records: Sequence[Record], *, relative: bool 
         relative: store image/label paths relative to the manifest's folder (default; the dataset can then be
             moved together with its manifest) instead of absolute.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    base = path.parent.resolve()
+    base = path.parent
 
     def _p(p):
-        p = os.path.abspath(p)
-        return os.path.relpath(p, base) if relative else p
+        return paths.relative(p, base) if relative else paths.absolute(p)
 
     rows = [dict(dataclasses.asdict(r), image=_p(r.image), label=_p(r.label)) for r in records]
     body = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "records": rows}
@@ -282,7 +295,7 @@ def read_manifest(path: PathLike) -> list[Record]:
     Raises:
         ValueError: unreadable JSON, wrong format or version, or a malformed record (named by index).
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     try:
         body = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -292,7 +305,7 @@ def read_manifest(path: PathLike) -> list[Record]:
     if body.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: manifest version {body.get('version')!r}, this code reads {MANIFEST_VERSION}")
     fields = {f.name: f.type for f in dataclasses.fields(Record)}
-    base = path.parent.resolve()
+    base = path.parent
     records = []
     for i, row in enumerate(body.get("records", [])):
         if not isinstance(row, dict) or set(row) != set(fields):
@@ -301,13 +314,18 @@ def read_manifest(path: PathLike) -> list[Record]:
         for name, kind in fields.items():
             if not isinstance(row[name], kind) or isinstance(row[name], bool):
                 raise ValueError(f"{path}: record {i} field {name!r} must be {kind.__name__}, got {row[name]!r}")
-        image, label = (os.path.normpath(base / row[k]) for k in ("image", "label"))
+        image, label = (paths.join(base, row[k]) for k in ("image", "label"))
         records.append(Record(**dict(row, image=image, label=label)))
     return records
 
 
-def load_records(dataset: PathLike, **discover_kwargs) -> tuple[list[Record], list[tuple[str, str]]]:
-    """A dataset folder (discovered) or a manifest ``.json`` file (read) -> (records, discovery problems)."""
-    if pathlib.Path(dataset).is_file() and str(dataset).endswith(".json"):
-        return read_manifest(dataset), []
-    return discover_with_problems(dataset, **discover_kwargs)
+def load_records(dataset: PathLike, keep: Callable[[str, str, str], bool] | None = None,
+                 **discover_kwargs) -> tuple[list[Record], list[tuple[str, str]]]:
+    """A dataset folder (discovered) or a manifest ``.json`` file (read) -> (records, discovery problems).
+
+    ``keep(dataset, case, image_path)``, if given, selects cases (before label maps are read, when discovering).
+    """
+    if str(dataset).endswith(".json") and epath.Path(dataset).is_file():
+        records = read_manifest(dataset)
+        return [r for r in records if keep is None or keep(r.dataset, r.case, r.image)], []
+    return discover_with_problems(dataset, keep=keep, **discover_kwargs)

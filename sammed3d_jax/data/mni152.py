@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 
+from sammed3d_jax import cli
+
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2, "csf": 3}
 CASE = "mni152"
 
@@ -115,11 +117,14 @@ def make_mni152_dataset(out: str | pathlib.Path, resolution: int = 1) -> pathlib
     return out
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sammed3d_jax.data.mni152", description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="output dataset folder")
+    parser.add_argument("out", help="output dataset folder (must not exist yet, or be empty)")
     parser.add_argument("--resolution", type=int, default=1, choices=(1, 2), help="template resolution in mm")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing dataset folder")
     args = parser.parse_args(argv)
+    cli.check_output_path(args.out, overwrite=args.overwrite, name="OUT", is_dir=True)
     try:
         out = make_mni152_dataset(args.out, resolution=args.resolution)
     except ImportError as err:

@@ -1,10 +1,13 @@
 """NIfTI reading, writing and RAS reorientation (nibabel only).
 
 Owns: the one place where volumes enter and leave the package as files, and the axis-order convention of
-STYLE.md §3 as code. An array returned here is indexed in nibabel voxel order ``(i, j, k)`` (never SimpleITK's
+``shapes.py`` as code. An array returned here is indexed in nibabel voxel order ``(i, j, k)`` (never SimpleITK's
 reversed ``(z, y, x)``); ``Geometry.spacing_mm`` is in that same array order. ``reorient_to_ras`` permutes and
 flips the axes (no interpolation) so that axis 0, 1, 2 point to Right, Anterior, Superior, as torchio's
 ``ToCanonical`` (``nib.as_closest_canonical``) does; ``reorient_from_ras`` undoes it exactly.
+
+Paths may be local or object-store URLs (``gs://...``, read whole through ``etils.epath`` and decoded from
+memory). A header is checked against the file's size before any voxel buffer is allocated.
 
 Bad files raise ``DataFileError`` (a ``ValueError``) whose message starts with the file name; ``.problem``
 holds the message without the path so that ``data/check.py`` can tabulate it.
@@ -16,15 +19,20 @@ Must not import: jax, flax, model/, training/.
 """
 
 import dataclasses
+import gzip
+import io
 import os
 import zlib
 
 import nibabel as nib
 import numpy as np
+from etils import epath
 from jaxtyping import Float, Integer, Shaped
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from nibabel.spatialimages import HeaderDataError
+
+from sammed3d_jax.data import paths
 
 PathLike = str | os.PathLike
 
@@ -90,12 +98,30 @@ class Geometry:
         return f"Geometry(shape={self.shape}, spacing_mm={self.spacing_mm}, orientation={''.join(self.orientation)})"
 
 
+def _from_bytes(path: str, data: bytes) -> nib.Nifti1Image:
+    """A NIfTI image over an in-memory file (an object-store read); voxels are decoded lazily, like ``nib.load``."""
+    errors = []
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        raw = io.BytesIO(data)
+        fileobj = gzip.GzipFile(fileobj=raw) if data[:2] == b"\x1f\x8b" else raw
+        holder = nib.FileHolder(filename=path, fileobj=fileobj)
+        try:
+            img = cls.from_file_map({"header": holder, "image": holder})
+        except _READ_ERRORS as err:
+            errors.append(err)
+            continue
+        img.raw_file_bytes = data  # what _check_size measures
+        return img
+    raise errors[0]
+
+
 def _load(path: PathLike) -> nib.Nifti1Image:
     path = os.fspath(path)
-    if not os.path.exists(path):
+    remote = paths.is_url(path)
+    if not epath.Path(path).exists():
         raise DataFileError(path, "file not found")
     try:
-        img = nib.load(path)
+        img = _from_bytes(path, epath.Path(path).read_bytes()) if remote else nib.load(path)
     except _READ_ERRORS as err:
         message = f"not a readable NIfTI file: truncated, corrupt or another format ({type(err).__name__}: {err})"
         raise DataFileError(path, message) from err
@@ -120,8 +146,71 @@ def _spatial_shape(img: nib.Nifti1Image, path: PathLike) -> tuple[int, int, int]
     return shape[:3]
 
 
+# Deflate cannot expand data by more than about 1032:1; a header that claims more voxels than that is a lie.
+MAX_DEFLATE_RATIO = 1032
+
+
+def _stored_bytes(img: nib.Nifti1Image, shape: tuple[int, ...]) -> int:
+    return int(img.header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+
+
+def _gzip_holds_at_least(raw, needed: int) -> bool:
+    """Whether the gzip stream ``raw`` decompresses to >= ``needed`` bytes, in bounded chunks (no buffer)."""
+    decomp = zlib.decompressobj(zlib.MAX_WBITS | 32)
+    total = 0
+    while total < needed:
+        chunk = raw.read(1 << 20)
+        if not chunk:
+            return False
+        total += len(decomp.decompress(chunk, 1 << 24))
+        while decomp.unconsumed_tail and total < needed:
+            total += len(decomp.decompress(decomp.unconsumed_tail, 1 << 24))
+        if decomp.eof:
+            rest = decomp.unused_data
+            decomp = zlib.decompressobj(zlib.MAX_WBITS | 32)  # a multi-member gzip file: next member
+            if rest:
+                total += len(decomp.decompress(rest, 1 << 24))
+    return True
+
+
+def _raw(img: nib.Nifti1Image, path: str):
+    data = getattr(img, "raw_file_bytes", None)
+    return io.BytesIO(data) if data is not None else open(path, "rb")  # noqa: SIM115 (closed by the caller)
+
+
+def _check_size(img: nib.Nifti1Image, path: PathLike, shape: tuple[int, ...]) -> None:
+    """Refuses a header whose shape x dtype needs more bytes than the file can hold, before anything is allocated.
+
+    ``.nii``: the file size. ``.nii.gz``: at most ``MAX_DEFLATE_RATIO`` times the compressed size; then the gzip
+    trailer's ISIZE (uncompressed size mod 2^32, of the last member); only when that disagrees is the stream
+    decompressed and counted, in bounded chunks.
+    """
+    path = os.fspath(path)
+    needed = _stored_bytes(img, shape)
+    with _raw(img, path) as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        gzipped = f.read(2) == b"\x1f\x8b"
+        if not gzipped:
+            ok, holds = size >= needed, f"{size} bytes"
+        elif needed > size * MAX_DEFLATE_RATIO:
+            ok, holds = False, f"{size} compressed bytes (at most {size * MAX_DEFLATE_RATIO} uncompressed)"
+        else:
+            isize = -1
+            if size >= 18:
+                f.seek(-4, os.SEEK_END)
+                isize = int.from_bytes(f.read(4), "little")
+            f.seek(0)
+            ok = (needed < 2**32 and isize >= needed) or _gzip_holds_at_least(f, needed)
+            holds = "less once decompressed"
+    if not ok:
+        raise DataFileError(path, f"cannot read voxel data, file truncated or corrupt (the header claims shape "
+                                  f"{shape} of {img.get_data_dtype()}, {needed} bytes; the file holds {holds})")
+
+
 def _read_voxels(img: nib.Nifti1Image, path: PathLike, dtype) -> np.ndarray:
     shape = _spatial_shape(img, path)
+    _check_size(img, path, tuple(int(s) for s in img.shape))
     try:
         # One read through the lazy proxy; nibabel applies scl_slope/scl_inter in the requested dtype.
         data = np.asarray(img.dataobj, dtype=dtype)
@@ -130,6 +219,13 @@ def _read_voxels(img: nib.Nifti1Image, path: PathLike, dtype) -> np.ndarray:
             path, f"cannot read voxel data, file truncated or corrupt ({type(err).__name__}: {err})"
         ) from err
     return data.reshape(shape)
+
+
+def _geometry(img: nib.Nifti1Image, path: PathLike, shape: tuple[int, ...]) -> Geometry:
+    try:
+        return Geometry(img.affine, shape)
+    except ValueError as err:  # zero-length, NaN or infinite axes in the header's affine
+        raise DataFileError(path, f"unusable geometry in the header: {' '.join(str(err).split())}") from err
 
 
 def nonfinite_message(data: Shaped[np.ndarray, "..."]) -> str | None:
@@ -148,7 +244,7 @@ def read_geometry(path: PathLike) -> Geometry:
         DataFileError: missing or unreadable file, or not a 3-D volume.
     """
     img = _load(path)
-    return Geometry(img.affine, _spatial_shape(img, path))
+    return _geometry(img, path, _spatial_shape(img, path))
 
 
 def read_image(path: PathLike, *, allow_nonfinite: bool = False) -> tuple[Float[np.ndarray, "h w d"], Geometry]:
@@ -170,7 +266,7 @@ def read_image(path: PathLike, *, allow_nonfinite: bool = False) -> tuple[Float[
         message = nonfinite_message(data)
         if message:
             raise DataFileError(path, message)
-    return data, Geometry(img.affine, data.shape)
+    return data, _geometry(img, path, data.shape)
 
 
 def read_label(path: PathLike) -> tuple[Integer[np.ndarray, "h w d"], Geometry]:
@@ -187,7 +283,7 @@ def read_label(path: PathLike) -> tuple[Integer[np.ndarray, "h w d"], Geometry]:
     slope, inter = img.dataobj.slope, img.dataobj.inter
     if np.issubdtype(stored, np.integer) and slope == 1 and inter == 0:
         data = _read_voxels(img, path, None)
-        return data, Geometry(img.affine, data.shape)
+        return data, _geometry(img, path, data.shape)
     data = _read_voxels(img, path, np.float64)
     message = nonfinite_message(data)
     if message:
@@ -201,7 +297,7 @@ def read_label(path: PathLike) -> tuple[Integer[np.ndarray, "h w d"], Geometry]:
         )
     if data.size and (data.min() < np.iinfo(np.int32).min or data.max() > np.iinfo(np.int32).max):
         raise DataFileError(path, f"label values outside the int32 range ({data.min()}..{data.max()})")
-    return data.astype(np.int32), Geometry(img.affine, data.shape)
+    return data.astype(np.int32), _geometry(img, path, data.shape)
 
 
 def _check_shape(array: np.ndarray, geom: Geometry, what: str) -> None:
@@ -270,7 +366,7 @@ def write_nifti(path: PathLike, array: Shaped[np.ndarray, "h w d *c"], geom: Geo
 
     The affine goes into the sform (code 1, scanner) and, when it has no shear, also into the qform (code 1),
     as SimpleITK writes files. bool is stored as uint8, int64 as int32 when the values fit, float64 as float32.
-    Parent directories are created.
+    Parent directories are created; ``gs://``-style paths are written through ``etils.epath``.
 
     Raises:
         ValueError: array shape does not match the geometry, or unsupported suffix.
@@ -292,5 +388,9 @@ def write_nifti(path: PathLike, array: Shaped[np.ndarray, "h w d *c"], geom: Geo
     img.set_sform(geom.affine, code=1)
     img.set_qform(geom.affine, code=1 if _qform_representable(geom.affine) else 0)
     img.header.set_xyzt_units("mm", "sec")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if paths.is_url(path):  # object storage: serialise in memory, one write through etils.epath
+        raw = img.to_bytes()
+        epath.Path(path).write_bytes(gzip.compress(raw, compresslevel=6) if path.endswith(".gz") else raw)
+        return
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)

@@ -1,257 +1,219 @@
 """Grain training pipeline over a prepared store (``data/prepare.py``): crops, flips, normalisation, batches.
 
-Owns ``build_train_dataset`` (the ``grain.MapDataset`` of batches), ``build_train_iterator`` (a checkpointable
-iterator over it) and ``CropSampler`` (the per-record random transform). numpy + grain; must not import jax,
-flax, training/ or the model (sharding arguments are plain ints: pass ``jax.process_index()`` and
-``jax.process_count()``).
+Owns ``build_train_iterator`` (this process's share of the global training stream, checkpointable),
+``holdout_batches`` (fixed validation batches), the case-level holdout split and ``CropSampler`` (the per-record
+random transform). numpy + grain; must not import jax, flax, training/ or the model.
 
-Chain (flax examples' Grain pattern, all index-based): ``MapDataset.source(records).seed(seed)`` ->
-``shuffle`` -> ``repeat(num_epochs)`` -> ``random_map(CropSampler)`` -> ``[shard_index::shard_count]`` ->
-``batch(drop_remainder=True)`` [-> batch-pooled normalisation] -> ``to_iter_dataset`` -> ``mp_prefetch``.
-Unlike the flax examples we batch the MapDataset, before ``to_iter_dataset``: ``mp_prefetch`` hands worker k the
-elements k, k + N, ..., so batching inside the workers would group different samples for different N; batching
-by index keeps batch j the same for every ``worker_count``.
+Topology-free by construction. The global stream is element 0, 1, 2, ...: ``EpochShuffle(records, seed)
+.random_map(CropSampler, seed=seed)`` (shuffled epochs, one generator per element), so element ``e`` depends
+only on ``(seed, e)``. Global batch ``j``
+is elements ``j*B .. j*B+B-1``; a process passes the global ``rows`` it feeds, and ``GlobalRows`` maps its local
+index to element ``j*B + rows[k]`` without touching other processes' elements. The concatenation of every
+process's batch ``j`` is the same global batch for any process count, device count or ``worker_count``, and the
+iterator state (the global batch index plus a settings fingerprint) restores under any of them. Batching is by
+index, before ``to_iter_dataset``, so ``mp_prefetch`` workers (which take every N-th item) cannot regroup samples.
 
-Per training sample (UPSTREAM.md §3.2, quirks 9, 10, 21):
+Per training sample (upstream's training pipeline, its quirks optional where noted), split between host and
+accelerator:
 
-1. Crop-or-pad to ``crop_size`` centred on the target's bounding box (torchio's rule; the box comes from the
-   index, equal to ``transforms.crop_or_pad_box``), zero padding for image and label.
-2. If the crop holds ``<= min_crop_foreground`` (1000) target voxels, upstream returns a different random sample;
-   here the other record is drawn from this element's own ``np.random.Generator`` (grain ``random_map``), so
-   the result is deterministic. Records whose whole target has ``<= min_crop_foreground`` voxels can never pass
-   and are dropped up front (same distribution, fewer draws).
-3. CT clip to [-1000, 1000] (``ct_clip="modality"``: records whose modality is CT, as upstream's ``/ct_`` path
-   rule in training; ``"always"``, ``"never"``).
-4. Z-normalisation over ``x > 0`` with unbiased std, statistics on the crop. ``normalization="per_volume"``
-   (default: a sample does not depend on its batch neighbours, and it matches inference) or ``"batch_pooled"``
-   (upstream training, quirk 9: one mean/std over the whole batch) or ``"none"``.
-5. Random flip of each axis with p = 0.5, image and label together.
+1. Host (``sampler.CropSampler``): crop-or-pad window of ``crop_size`` centred on the target's bounding box
+   (torchio's rule; the box comes from the index). If the crop holds ``<= min_crop_foreground`` (1000) target
+   voxels, upstream returns a different random sample; here the other record is drawn from this element's own
+   ``np.random.Generator`` (grain ``random_map``), so the result is deterministic. Records whose whole target has
+   ``<= min_crop_foreground`` voxels can never pass and are dropped up front. Then the flips: each axis of
+   ``flip_axes`` with p = 0.5.
+2. Host (``sampler.WindowReader``): the raw window of every row is copied into one batch buffer, zero padding.
+3. Accelerator (``augment.finish_batch``, first thing in the jitted step): CT clip to [-1000, 1000] where
+   ``ct_clip`` (``"modality"``: CT records, as upstream's ``/ct_`` path rule; ``"always"``, ``"never"``),
+   z-normalisation over ``x > 0`` with unbiased std on the crop (``"per_volume"``, the default, or
+   ``"batch_pooled"`` over the global batch, as upstream training does, or ``"none"``), then the flips.
 
-A record that cannot be read (missing/truncated ``.npy``, wrong shape, NaN/inf in the crop, zero-variance crop)
-is skipped (``on_bad_record="skip"``: logged, replaced by a redraw, counted in the element's ``bad_skipped``) or
-raises (``"raise"``). Batches: ``image`` float32 [b,S,S,S,1], ``label`` uint8 [b,S,S,S] in {0,1}, ``record``
-int32 [b] (index into the prepared index), ``redraws`` / ``bad_skipped`` int32 [b] (how many draws this sample
-replaced, for logging).
+A record that cannot be read (missing/truncated array, wrong shape, NaN/inf in the crop, a crop that cannot be
+z-normalised) is skipped (``on_bad_record="skip"``: logged once, replaced by a redraw, counted in the element's
+``bad_skipped``) or raises (``"raise"``). Batches (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw
+window), ``label`` uint8 [n,S,S,S] in {0,1}, ``flip`` bool [n,3], ``ct_clip`` bool [n], ``element`` int64 [n]
+(global element index, to derive per-sample keys), ``record`` int32 [n] (index into the prepared index),
+``redraws`` / ``bad_skipped`` int32 [n] (draws this sample replaced, for logging).
 
-Every element depends only on (seed, global element index), so batches are identical for any ``worker_count``
-and a restored iterator continues exactly (``TrainIterator``'s state is the number of batches consumed plus a
-fingerprint of the pipeline settings, so it also restores under a different ``worker_count``).
+Validation: ``holdout_fraction`` keeps a deterministic share of cases (by a hash of the dataset and case names,
+never by path or position) out of the training stream; ``subset="holdout"`` streams them instead, and
+``holdout_batches`` gives each eligible holdout target once, centred, unflipped, as fixed batches.
 """
 
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from jaxtyping import Float, UInt8
 
 from sammed3d_jax.data import cache, transforms
+from sammed3d_jax.data import store as store_lib
+from sammed3d_jax.data.sampler import OK, CropSampler, EpochShuffle, WindowReader, clips
 
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("per_volume", "batch_pooled", "none")
 CT_CLIP_MODES = ("modality", "always", "never")
 BAD_RECORD_MODES = ("skip", "raise")
+SUBSETS = ("train", "holdout")
 
 
-@dataclasses.dataclass(frozen=True)
-class CropSampler(grain.transforms.RandomMap):
-    """Turns a record index into one training sample (see the module docstring for the steps).
+def case_fraction(record: cache.PreparedRecord) -> float:
+    """A number in [0, 1) fixed by the case's dataset-relative identity (dataset name, case name).
 
-    Attributes:
-        prepared_dir: the prepared store.
-        records: the eligible records (index order of the draws).
-        record_ids: position of each eligible record in the prepared index (reported as ``record``).
-        crop_size: S, the cubic crop edge.
-        normalization, ct_clip, on_bad_record: options as in ``build_train_dataset``.
-        min_crop_foreground: a crop must hold more target voxels than this.
-        flip_axes: spatial axes flipped with probability 0.5 each.
-        max_draws: give up (RuntimeError) after this many unusable draws for one element.
+    Every target of a case gets the same number, and it does not depend on paths, record positions or seeds, so
+    the holdout split (``fraction < holdout_fraction``) is stable when the store is moved or cases are added.
+    """
+    digest = hashlib.sha256(f"{record.dataset}/{record.case}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def select_subset(records, holdout_fraction: float, subset: str) -> list[tuple[int, cache.PreparedRecord]]:
+    """``(index position, record)`` pairs of the ``"train"`` or ``"holdout"`` cases (see ``case_fraction``)."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    holdout = subset == "holdout"
+    return [(i, r) for i, r in enumerate(records) if (case_fraction(r) < holdout_fraction) == holdout]
+
+
+def _check_rows(global_batch_size: int, rows: Sequence[int]) -> tuple[int, ...]:
+    rows = tuple(int(r) for r in rows)
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if not rows or list(rows) != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= global_batch_size:
+        raise ValueError(f"rows must be sorted distinct indices in [0, {global_batch_size}), got {list(rows)}")
+    return rows
+
+
+class GlobalRows(grain.MapDataset):
+    """This process's rows of a global stream: local index ``k`` is element ``j * B + rows[k % n]``, ``j = k // n``.
+
+    Wraps the global per-element dataset without computing other processes' elements; each element gains
+    ``"element"`` (int64), its global index.
     """
 
-    prepared_dir: str
-    records: tuple[cache.PreparedRecord, ...]
-    record_ids: tuple[int, ...]
-    crop_size: int
-    normalization: str = "per_volume"
-    ct_clip: str = "modality"
-    on_bad_record: str = "skip"
-    min_crop_foreground: int = transforms.MIN_CROP_FOREGROUND
-    flip_axes: tuple[int, ...] = (0, 1, 2)
-    max_draws: int = 100
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, rows: Sequence[int]):
+        super().__init__(parent)
+        self._batch = int(global_batch_size)
+        self._rows = _check_rows(global_batch_size, rows)
 
-    def crop(self, record: cache.PreparedRecord) -> tuple[Float[np.ndarray, "s s s"], UInt8[np.ndarray, "s s s"]]:
-        """Crop-or-pad of one record's image and label around its target box (raises ValueError if unusable)."""
-        image = cache.open_array(self.prepared_dir, record.image)
-        label = cache.open_array(self.prepared_dir, record.label)
-        for name, array, dtype in (("image", image, np.float32), ("label", label, np.uint8)):
-            if array.shape != record.shape or array.dtype != dtype:
-                raise ValueError(
-                    f"{record.id}: {name} array is {array.dtype}{list(array.shape)}, index says {np.dtype(dtype)}{list(record.shape)}"
-                )
-        window = crop_window(record, self.crop_size)
-        image_crop = transforms.apply_crop_or_pad(image, window)
-        if not np.isfinite(image_crop).all():
-            raise ValueError(f"{record.id}: non-finite voxels in the image crop")
-        return image_crop, transforms.apply_crop_or_pad(label, window)
+    def __len__(self) -> int:
+        return (len(self._parent) // self._batch) * len(self._rows)
 
-    def _intensity(self, record: cache.PreparedRecord, image: np.ndarray) -> np.ndarray:
-        if self.ct_clip == "always" or (self.ct_clip == "modality" and record.modality.upper() == "CT"):
-            image = transforms.clip_intensity(image)
-        if self.normalization == "per_volume":
-            image = transforms.z_normalize(image, name=record.id)
-        return image
+    def element_index(self, index: int) -> int:
+        batch, row = divmod(int(index), len(self._rows))
+        return batch * self._batch + self._rows[row]
 
-    def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        index = int(element)
-        redraws = bad = 0
-        for _ in range(self.max_draws):
-            record = self.records[index]
-            try:
-                image, label = self.crop(record)
-                usable = transforms.has_enough_foreground(label, self.min_crop_foreground)
-                if usable:
-                    image = self._intensity(record, image)
-            except (ValueError, OSError) as err:
-                if self.on_bad_record == "raise":
-                    raise RuntimeError(f"bad prepared record {record.id} in {self.prepared_dir}: {err}") from err
-                log.warning("skipping bad prepared record %s: %s", record.id, err)
-                bad += 1
-                index = int(rng.integers(len(self.records)))
-                continue
-            if usable:
-                break
-            redraws += 1
-            index = int(rng.integers(len(self.records)))
-        else:
-            raise RuntimeError(
-                f"no usable sample after {self.max_draws} draws from {self.prepared_dir} "
-                f"({redraws} crops with <= {self.min_crop_foreground} target voxels, {bad} bad records)"
-            )
-        image, label = transforms.random_flip(rng, image, label, axes=self.flip_axes)
-        return {
-            "image": image[..., None],
-            "label": label,
-            "record": np.array(self.record_ids[index], np.int32),
-            "redraws": np.array(redraws, np.int32),
-            "bad_skipped": np.array(bad, np.int32),
-        }
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        element = self.element_index(index)
+        return {**self._parent[element], "element": np.array(element, np.int64)}
+
+    def __str__(self) -> str:
+        return f"GlobalRows(global_batch_size={self._batch}, rows={list(self._rows)})"
 
 
-def crop_window(record: cache.PreparedRecord, crop_size: int) -> transforms.CropPad:
-    """``transforms.crop_or_pad_box(label, (S,)*3)`` computed from the stored bounding box (no label scan).
-
-    torchio's centre rule reduces to ``start = floor((bb_min + bb_max) / 2 - S / 2)`` per axis (see
-    ``transforms.crop_or_pad_box``); a test pins the equality.
-    """
-    start = tuple(math.floor((lo + hi) / 2 - crop_size / 2) for lo, hi in record.bbox)
-    return transforms.CropPad(tuple(record.shape), start, (crop_size,) * 3)
+def _open(source, crop_size: int):
+    store = store_lib.open_store(source)
+    if hasattr(store, "check_crop_size"):
+        store.check_crop_size(int(crop_size))
+    return store
 
 
-def _pool_normalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    # Upstream training (quirk 9): one mean/std over the x > 0 voxels of the whole batch.
-    images = transforms.z_normalize(batch["image"][..., 0], batch_pooled=True, name="batch")
-    return {**batch, "image": images[..., None]}
+def _eligible(store, min_crop_foreground, holdout_fraction, subset):
+    all_records = store.records
+    chosen = select_subset(all_records, holdout_fraction, subset)
+    eligible = [(i, r) for i, r in chosen if r.foreground_voxels > min_crop_foreground]
+    dropped = len(chosen) - len(eligible)
+    if dropped:
+        log.info("%d of %d prepared %s targets have <= %d voxels and are never sampled", dropped, len(chosen),
+                 subset, min_crop_foreground)
+    if not eligible:
+        raise ValueError(
+            f"{store.root}: none of the {len(chosen)} prepared {subset} targets (of {len(all_records)}) has more "
+            f"than {min_crop_foreground} voxels (lower min_crop_foreground for tiny data, or change holdout_fraction)"
+        )
+    return eligible
 
 
-def _fingerprint(prepared_dir, records, options) -> dict[str, Any]:
-    ids = hashlib.sha1("\n".join(r.id for r in records).encode()).hexdigest()[:16]
-    return {"records": len(records), "record_ids_sha1": ids, **options}
+def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes) -> None:
+    for name, value, allowed in (("normalization", normalization, NORMALIZATIONS), ("ct_clip", ct_clip, CT_CLIP_MODES),
+                                 ("on_bad_record", on_bad_record, BAD_RECORD_MODES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if crop_size < 1:
+        raise ValueError(f"crop_size must be positive, got {crop_size}")
+    if not set(flip_axes) <= {0, 1, 2}:
+        raise ValueError(f"flip_axes must be spatial axes 0, 1, 2, got {flip_axes}")
 
 
 def build_train_dataset(
     prepared_dir: str | os.PathLike,
     *,
-    crop_size: int = 128,
-    batch_size: int,
+    global_batch_size: int,
+    rows: Sequence[int],
     seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    num_epochs: int | None = None,
+    crop_size: int = 128,
     normalization: str = "per_volume",
     ct_clip: str = "modality",
-    on_bad_record: str = "skip",
     min_crop_foreground: int = transforms.MIN_CROP_FOREGROUND,
-    flip_axes: tuple[int, ...] = (0, 1, 2),
+    flip_axes: Sequence[int] = (0, 1, 2),
+    holdout_fraction: float = 0.0,
+    subset: str = "train",
+    on_bad_record: str = "skip",
 ) -> tuple[grain.MapDataset, dict[str, Any]]:
-    """The training batches as a ``grain.MapDataset`` (index-addressable, deterministic).
+    """This process's training batches as a ``grain.MapDataset`` (index-addressable, deterministic, endless).
 
-    Args:
-        prepared_dir: folder written by ``python -m sammed3d_jax.data.prepare``.
-        crop_size: cubic crop edge S in voxels (128 upstream).
-        batch_size: per-process batch size (global batch / shard_count).
-        seed: pipeline seed (shuffle order and per-element augmentation).
-        shard_index, shard_count: this process's share: global element ``i`` goes to process ``i % shard_count``
-            (``jax.process_index()``, ``jax.process_count()``); the global stream does not depend on them.
-        num_epochs: passes over the records; None repeats forever.
-        normalization: "per_volume" (default), "batch_pooled" (upstream training) or "none".
-        ct_clip: "modality" (default: clip CT records to [-1000, 1000]), "always" or "never".
-        on_bad_record: "skip" (default: log, count, redraw) or "raise".
-        min_crop_foreground: upstream's 1000-voxel rule; 0 only rejects empty crops.
-        flip_axes: axes flipped at random (p = 0.5 each); () disables flips.
+    The global stream is element 0, 1, 2, ... (shuffled epochs over the eligible records); element ``e`` depends
+    only on ``(seed, e)``. Global batch ``j`` is elements ``j*B .. j*B+B-1``; this dataset's batch ``j`` holds the
+    global rows ``rows`` of it, in that order, so the concatenation over processes is the global batch whatever
+    the process count. Arguments as in ``build_train_iterator``.
 
     Returns:
-        ``(batches, fingerprint)``; the fingerprint (settings + record list hash) guards iterator restores.
+        ``(batches, fingerprint)``; the fingerprint (settings + record list hash, no topology) guards restores.
 
     Raises:
         ValueError: bad option, missing/invalid index, or no record with enough target voxels.
     """
-    for name, value, allowed in (("normalization", normalization, NORMALIZATIONS), ("ct_clip", ct_clip, CT_CLIP_MODES),
-                                 ("on_bad_record", on_bad_record, BAD_RECORD_MODES)):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    if crop_size < 1 or batch_size < 1:
-        raise ValueError(f"crop_size and batch_size must be positive, got {crop_size}, {batch_size}")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
-    if not set(flip_axes) <= {0, 1, 2}:
-        raise ValueError(f"flip_axes must be spatial axes 0, 1, 2, got {flip_axes}")
-    _, all_records = cache.read_index(prepared_dir)
-    eligible = [(i, r) for i, r in enumerate(all_records) if r.foreground_voxels > min_crop_foreground]
-    dropped = len(all_records) - len(eligible)
-    if dropped:
-        log.info("%d of %d prepared targets have <= %d voxels and are never sampled", dropped, len(all_records),
-                 min_crop_foreground)
-    if not eligible:
-        raise ValueError(
-            f"{prepared_dir}: none of the {len(all_records)} prepared targets has more than "
-            f"{min_crop_foreground} voxels (lower min_crop_foreground for tiny data)"
-        )
+    rows = _check_rows(global_batch_size, rows)
+    flip_axes = tuple(int(a) for a in flip_axes)
+    _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes)
+    store = _open(prepared_dir, crop_size)
+    eligible = _eligible(store, min_crop_foreground, holdout_fraction, subset)
+    records = tuple(r for _, r in eligible)
     sampler = CropSampler(
-        prepared_dir=str(prepared_dir),
-        records=tuple(r for _, r in eligible),
-        record_ids=tuple(i for i, _ in eligible),
-        crop_size=int(crop_size),
-        normalization=normalization,
-        ct_clip=ct_clip,
-        on_bad_record=on_bad_record,
-        min_crop_foreground=int(min_crop_foreground),
-        flip_axes=tuple(int(a) for a in flip_axes),
+        store=store, records=records, record_ids=tuple(i for i, _ in eligible), crop_size=int(crop_size),
+        normalization=normalization, ct_clip=ct_clip, on_bad_record=on_bad_record,
+        min_crop_foreground=int(min_crop_foreground), flip_axes=flip_axes,
     )
-    ds = grain.MapDataset.range(len(eligible)).seed(int(seed)).shuffle().repeat(num_epochs)
-    # random_map before the shard slice: the augmentation of global element i is the same on every process
-    # layout, and two processes never share an element's random stream.
-    ds = ds.random_map(sampler)
-    ds = ds[shard_index::shard_count]
-    ds = ds.batch(batch_size, drop_remainder=True)
-    if normalization == "batch_pooled":
-        ds = ds.map(_pool_normalize)
-    options = dict(crop_size=crop_size, batch_size=batch_size, seed=seed, shard_index=shard_index,
-                   shard_count=shard_count, num_epochs=num_epochs, normalization=normalization, ct_clip=ct_clip,
-                   min_crop_foreground=min_crop_foreground, flip_axes=list(flip_axes))
-    return ds, _fingerprint(prepared_dir, sampler.records, options)
+    # random_map before the row selection: element e's sample is the same on every process layout, and two
+    # processes never share an element's random stream.
+    elements = EpochShuffle(len(records), int(seed)).random_map(sampler, seed=int(seed))
+    ds = GlobalRows(elements, global_batch_size, rows).batch(len(rows), drop_remainder=True)
+    ds = ds.map(WindowReader(store=store, records=records, crop_size=int(crop_size)))
+    ids = hashlib.sha1("\n".join(r.id for r in sampler.records).encode()).hexdigest()[:16]
+    fingerprint = dict(records=len(sampler.records), record_ids_sha1=ids, seed=int(seed),
+                       global_batch_size=int(global_batch_size), crop_size=int(crop_size),
+                       normalization=normalization, ct_clip=ct_clip, min_crop_foreground=int(min_crop_foreground),
+                       flip_axes=list(flip_axes), holdout_fraction=float(holdout_fraction), subset=subset)
+    return ds, fingerprint
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Iterator over ``build_train_dataset`` batches whose state is ``{"next_batch": k, "fingerprint": ...}``.
+    """Iterator over ``build_train_dataset`` batches whose state is ``{"next_batch": j, "fingerprint": {...}}``.
 
-    The underlying Grain iterator (thread prefetch, or ``mp_prefetch`` over ``worker_count`` processes) is
-    rebuilt from batch ``k`` on ``set_state``, so a restore is exact and independent of ``worker_count``.
+    The state is plain JSON and holds no topology: ``next_batch`` is the global batch index and the fingerprint
+    holds only pipeline settings, so a state saved with one set of ``rows`` (process layout) restores with any
+    other. The underlying Grain iterator (thread prefetch, or ``mp_prefetch`` over ``worker_count`` processes)
+    is rebuilt from batch ``j`` on ``set_state``, so a restore is exact and independent of ``worker_count``.
     It is a ``grain.DatasetIterator``, so ``grain.checkpoint.CheckpointSave/Restore`` (Orbax) handle it.
     """
 
@@ -264,7 +226,9 @@ class TrainIterator(grain.DatasetIterator):
         self._fingerprint = json.loads(json.dumps(fingerprint))
         self._worker_count = worker_count
         self._worker_buffer_size = worker_buffer_size
-        self._read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+        # Grain can use at most prefetch_buffer_size threads (and warns otherwise).
+        self._read_options = grain.ReadOptions(num_threads=read_threads,
+                                               prefetch_buffer_size=max(prefetch_batches, read_threads))
         self._next_batch = 0
         self._iterator = None
 
@@ -283,18 +247,16 @@ class TrainIterator(grain.DatasetIterator):
         self._next_batch += 1
         return batch
 
-    def start_prefetch(self) -> None:
-        self._start()
-
     def get_state(self) -> dict[str, Any]:
-        return {"next_batch": self._next_batch, "fingerprint": self._fingerprint}
+        return {"next_batch": self._next_batch, "fingerprint": dict(self._fingerprint)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        fingerprint = state.get("fingerprint")
+        fingerprint = state.get("fingerprint") or {}
         if fingerprint != self._fingerprint:
-            diff = sorted(k for k in set(self._fingerprint) | set(fingerprint or {})
-                          if (fingerprint or {}).get(k) != self._fingerprint.get(k))
-            raise ValueError(f"iterator state is from a different pipeline (differs in {diff})")
+            diff = [f"{k}: saved {fingerprint.get(k)!r}, now {self._fingerprint.get(k)!r}"
+                    for k in sorted(set(self._fingerprint) | set(fingerprint))
+                    if fingerprint.get(k) != self._fingerprint.get(k)]
+            raise ValueError(f"iterator state is from a different pipeline ({'; '.join(diff)})")
         self.close()
         self._next_batch = int(state["next_batch"])
 
@@ -314,19 +276,112 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def build_train_iterator(prepared_dir: str | os.PathLike, *, worker_count: int = 0, worker_buffer_size: int = 2,
-                         read_threads: int = 1, prefetch_batches: int = 2, **kwargs) -> TrainIterator:
-    """``build_train_dataset(prepared_dir, **kwargs)`` wrapped in a checkpointable ``TrainIterator``.
+def build_train_iterator(
+    source: str | os.PathLike,
+    *,
+    global_batch_size: int,
+    rows: Sequence[int],
+    seed: int,
+    crop_size: int = 128,
+    normalization: str = "per_volume",
+    ct_clip: str = "modality",
+    min_crop_foreground: int = transforms.MIN_CROP_FOREGROUND,
+    flip_axes: Sequence[int] = (0, 1, 2),
+    holdout_fraction: float = 0.0,
+    subset: str = "train",
+    worker_count: int = 0,
+    read_threads: int = 1,
+    prefetch_batches: int = 2,
+    on_bad_record: str = "skip",
+) -> TrainIterator:
+    """This process's share of the global training stream, as a checkpointable ``TrainIterator``.
 
     Args:
-        prepared_dir: the prepared store.
+        source: the prepared store (``python -m sammed3d_jax.data.prepare``).
+        global_batch_size: B, the batch size summed over all processes.
+        rows: sorted global row indices this process feeds (from the batch sharding; e.g. process p of n with
+            contiguous rows ``range(p*B//n, (p+1)*B//n)``). All rows = the whole global batch.
+        seed: pipeline seed (shuffle order and per-element augmentation).
+        crop_size: cubic crop edge S in voxels (128 upstream).
+        normalization: "per_volume" (default), "batch_pooled" (upstream training) or "none".
+        ct_clip: "modality" (default: clip CT records to [-1000, 1000]), "always" or "never".
+        min_crop_foreground: upstream's 1000-voxel rule; 0 only rejects empty crops.
+        flip_axes: axes flipped at random (p = 0.5 each); () disables flips.
+        holdout_fraction: share of cases (by ``case_fraction``) kept out of training for validation.
+        subset: "train" (default) or "holdout": which side of that split to stream.
         worker_count: 0 = read in this process (``read_threads`` threads); N > 0 = ``mp_prefetch`` with N worker
             processes. The batches are identical either way.
-        worker_buffer_size: batches buffered per worker process.
         read_threads, prefetch_batches: threads and buffered batches of ``to_iter_dataset`` (per process).
-        **kwargs: the keyword arguments of ``build_train_dataset`` (crop_size, batch_size, seed, ...).
-    """
-    batches, fingerprint = build_train_dataset(prepared_dir, **kwargs)
-    return TrainIterator(batches, fingerprint, worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-                         read_threads=read_threads, prefetch_batches=prefetch_batches)
+        on_bad_record: "skip" (default: log, count, redraw) or "raise".
 
+    Returns:
+        An iterator of raw batch dicts (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw window, zero
+        padded), ``label`` uint8 [n,S,S,S], ``flip`` bool [n,3], ``ct_clip`` bool [n], ``element`` int64 [n] (global
+        element index), ``record`` / ``redraws`` / ``bad_skipped`` int32 [n]. Finish them on the devices with
+        ``augment.finish_batch(batch, normalization=...)`` (same ``normalization``) inside the jitted step.
+    """
+    batches, fingerprint = build_train_dataset(
+        source, global_batch_size=global_batch_size, rows=rows, seed=seed, crop_size=crop_size,
+        normalization=normalization, ct_clip=ct_clip, min_crop_foreground=min_crop_foreground, flip_axes=flip_axes,
+        holdout_fraction=holdout_fraction, subset=subset, on_bad_record=on_bad_record)
+    return TrainIterator(batches, fingerprint, worker_count=worker_count, read_threads=read_threads,
+                         prefetch_batches=prefetch_batches)
+
+
+def holdout_batches(
+    source: str | os.PathLike,
+    *,
+    global_batch_size: int,
+    rows: Sequence[int],
+    holdout_fraction: float,
+    crop_size: int = 128,
+    max_batches: int | None = None,
+    normalization: str = "per_volume",
+    ct_clip: str = "modality",
+    min_crop_foreground: int = transforms.MIN_CROP_FOREGROUND,
+) -> list[dict[str, np.ndarray]]:
+    """Validation batches: every eligible holdout target once, centred crop, no flips, no redraws.
+
+    Holdout element ``e`` is the e-th eligible holdout record in index order; global batch ``j`` holds elements
+    ``j*B .. j*B+B-1`` and this process gets rows ``rows`` of each (as in training). Rows past the last target,
+    and targets whose crop fails the training checks (unreadable, non-finite, too little target in the crop, not
+    normalisable), are all-zero rows with ``valid`` False and ``record`` -1, so every process agrees on the
+    layout without reading the others' records and zero rows never enter pooled statistics. The batches are raw
+    like training's: finish them with ``augment.finish_batch``.
+
+    Args:
+        source, global_batch_size, rows, crop_size, normalization, ct_clip, min_crop_foreground: as in
+            ``build_train_iterator`` (``normalization`` only decides which crops count as usable).
+        holdout_fraction: must be > 0 (and equal to the training run's, so that these cases were never trained on).
+        max_batches: at most this many global batches (None: all).
+
+    Returns:
+        Batch dicts as in training plus ``valid`` bool [n].
+    """
+    rows = _check_rows(global_batch_size, rows)
+    _check_options(normalization, ct_clip, "skip", crop_size, ())
+    if not holdout_fraction > 0:
+        raise ValueError(f"holdout_batches needs holdout_fraction > 0, got {holdout_fraction}")
+    store = _open(source, crop_size)
+    eligible = _eligible(store, min_crop_foreground, holdout_fraction, "holdout")
+    records = tuple(r for _, r in eligible)
+    sampler = CropSampler(store=store, records=records, record_ids=tuple(i for i, _ in eligible),
+                          crop_size=int(crop_size), normalization=normalization, ct_clip=ct_clip, flip_axes=(),
+                          min_crop_foreground=int(min_crop_foreground))
+    reader = WindowReader(store=store, records=records, crop_size=int(crop_size))
+    n_batches = math.ceil(len(records) / global_batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, int(max_batches))
+    out = []
+    for j in range(n_batches):
+        elements = [j * global_batch_size + r for r in rows]
+        valid = [e < len(records) and sampler.status(e) == OK for e in elements]
+        slots = [e if v else -1 for e, v in zip(elements, valid)]
+        n = len(rows)
+        out.append(reader.map({
+            "slot": np.array(slots, np.int64), "element": np.array(elements, np.int64),
+            "record": np.array([sampler.record_ids[e] if v else -1 for e, v in zip(elements, valid)], np.int32),
+            "redraws": np.zeros(n, np.int32), "bad_skipped": np.zeros(n, np.int32), "flip": np.zeros((n, 3), bool),
+            "ct_clip": np.array([v and clips(records[e], ct_clip) for e, v in zip(elements, valid)]),
+            "valid": np.array(valid)}))
+    return out

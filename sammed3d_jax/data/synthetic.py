@@ -1,7 +1,7 @@
 """Synthetic 3-D segmentation datasets in the nnU-Net layout, made from a seed (no downloads).
 
 Owns ``make_synthetic_dataset`` and the ``python -m sammed3d_jax.data.synthetic OUT --cases N`` command. Numpy,
-scipy and nibabel only: never imports jax, flax, grain or the model.
+scipy, nibabel and the shared ``cli`` helpers only: never imports jax, flax, grain or the model.
 
 Each case is one image ``imagesTr/<case>_0000.nii.gz`` (float32) and one label map ``labelsTr/<case>.nii.gz``
 (uint8) with three disjoint structures, defined in world (scanner, mm) coordinates so that they survive any
@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 from scipy import ndimage, spatial
+
+from sammed3d_jax import cli
 
 LABELS = {"background": 0, "ellipsoid": 1, "tube": 2, "blob": 3}
 DEFAULT_SHAPE = (96, 96, 40)
@@ -222,15 +224,22 @@ def make_synthetic_dataset(
     return out
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sammed3d_jax.data.synthetic", description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="output dataset folder")
+    parser.add_argument("out", help="output dataset folder (must not exist yet, or be empty)")
     parser.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("H", "W", "D"),
                         help=f"array shape per case (default {' '.join(map(str, DEFAULT_SHAPE))})")
     parser.add_argument("--name", default="synth", help="case name prefix (default synth)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing dataset folder")
     args = parser.parse_args(argv)
+    if args.cases < 1:
+        raise cli.UsageError(f"--cases must be >= 1, got {args.cases}")
+    if min(args.shape) < 8:
+        raise cli.UsageError(f"--shape must be three sizes >= 8, got {args.shape}")
+    cli.check_output_path(args.out, overwrite=args.overwrite, name="OUT", is_dir=True)
     out = make_synthetic_dataset(args.out, args.cases, seed=args.seed, shape=args.shape, name=args.name)
     meta = json.loads((out / "dataset.json").read_text())
     print(f"wrote {args.cases} case{'' if args.cases == 1 else 's'} to {out} (labels {meta['labels']})")

@@ -1,16 +1,16 @@
-"""Upstream SAM-Med3D preprocessing as pure numpy functions (UPSTREAM.md §3.2-3.4, quirks §6.9/10/21).
+"""Upstream SAM-Med3D preprocessing as pure numpy functions (its training and inference pipelines, torchio's rules).
 
 Owns: resampling to a target spacing (torchio ``Resample`` grid rule, SimpleITK interpolation semantics),
-crop-or-pad around a target's bounding box (torchio ``CropOrPad(mask_name=...)``) and its inverse,
+crop-or-pad around a target's bounding box (torchio ``CropOrPad(mask_name=...)``),
 z-normalisation over ``x > 0`` (torchio ``ZNormalization``), CT clipping, random flips, and the
 "crop holds more than 1000 target voxels" rule. Spatial ops take arrays ``[h, w, d, ...]`` in the array
 order of ``data/nifti.py`` (any trailing channel axes ride along) and have an inverse.
 
-Order upstream uses at inference (§3.3): resample on the file's grid, then ``reorient_to_ras``, then crop.
+Order upstream uses at inference: resample on the file's grid, then ``reorient_to_ras``, then crop.
 Resampling and reorientation commute except at exact nearest-neighbour ties (a flipped axis turns
 round-half-up into round-half-down), so keep that order for label parity. Pasting a ROI prediction back
-(§3.3 step 10) is one call: ``resample_to_geometry(roi, crop_pad.roi_geometry(ras_geom), original_geom, 0)``.
-Upstream training ignores affines (quirk §6.10): no resampling, no reorientation, arrays in the file's voxel
+(upstream's post-step) is one call: ``resample_to_geometry(roi, crop_pad.roi_geometry(ras_geom), original_geom, 0)``.
+Upstream training ignores affines: no resampling, no reorientation, arrays in the file's voxel
 order; that is the caller's choice of which of these functions to apply, not a flag here.
 
 Must not import: jax, flax, model/, training/.
@@ -238,7 +238,8 @@ class CropPad:
         shift[:3, 3] = self.start
         return Geometry(geom.affine @ shift, self.target_shape)
 
-    def _overlap(self):
+    def overlap(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """``(source slices, window slices)`` of the part of the window that lies inside the source volume."""
         src, dst = [], []
         for s, t, n in zip(self.start, self.target_shape, self.source_shape):
             lo, hi = max(s, 0), min(s + t, n)
@@ -283,6 +284,16 @@ def crop_or_pad_box(mask: Shaped[np.ndarray, "h w d"], target_shape=(128, 128, 1
     return CropPad(tuple(int(s) for s in fg.shape), tuple(start), target)
 
 
+def box_crop_window(bbox, source_shape, size: int) -> CropPad:
+    """``crop_or_pad_box(mask, (size,) * 3)`` from the mask's bounding box ``[(first, last + 1)] * 3`` alone.
+
+    torchio's centre rule reduces to ``start = floor((bb_min + bb_max) / 2 - size / 2)`` per axis (see
+    ``crop_or_pad_box``), so no label scan is needed once the box is known.
+    """
+    start = tuple(math.floor((lo + hi) / 2 - size / 2) for lo, hi in bbox)
+    return CropPad(tuple(int(n) for n in source_shape), start, (int(size),) * 3)
+
+
 def apply_crop_or_pad(
     array: Shaped[np.ndarray, "h w d *c"], crop_pad: CropPad, fill=0
 ) -> Shaped[np.ndarray, "t0 t1 t2 *c"]:
@@ -290,20 +301,8 @@ def apply_crop_or_pad(
     if tuple(array.shape[:3]) != crop_pad.source_shape:
         raise ValueError(f"array shape {array.shape} does not match the CropPad source shape {crop_pad.source_shape}")
     out = np.full(crop_pad.target_shape + array.shape[3:], fill, dtype=array.dtype)
-    src, dst = crop_pad._overlap()
+    src, dst = crop_pad.overlap()
     out[dst] = array[src]
-    return out
-
-
-def invert_crop_or_pad(
-    array: Shaped[np.ndarray, "t0 t1 t2 *c"], crop_pad: CropPad, fill=0
-) -> Shaped[np.ndarray, "h w d *c"]:
-    """Pastes an ROI back into a ``[*source_shape, ...]`` array of ``fill`` (the inverse of ``apply_crop_or_pad``)."""
-    if tuple(array.shape[:3]) != crop_pad.target_shape:
-        raise ValueError(f"array shape {array.shape} does not match the CropPad target shape {crop_pad.target_shape}")
-    out = np.full(crop_pad.source_shape + array.shape[3:], fill, dtype=array.dtype)
-    src, dst = crop_pad._overlap()
-    out[src] = array[dst]
     return out
 
 
@@ -327,7 +326,7 @@ def z_normalize(
         mask: voxels that enter the statistics; default ``image > 0``.
         batch_pooled: False (default): statistics per volume, as upstream inference does and so that a
             sample does not depend on its batch neighbours. True: one mean/std pooled over all leading axes,
-            reproducing upstream training (quirk §6.9: torchio sees the ``(B,128,128,128)`` batch as one
+            reproducing upstream training (torchio sees the ``(B,128,128,128)`` batch as one
             B-channel image).
         name: case name for error messages.
 
@@ -361,7 +360,7 @@ def clip_intensity(
 ) -> Float[np.ndarray, "*s"]:
     """Clamps intensities to ``[lo, hi]`` (default the CT window ``[-1000, 1000]`` HU).
 
-    Upstream clamps in training only, for paths containing ``/ct_`` (quirk §6.10); current inference does
+    Upstream clamps in training only, for paths containing ``/ct_``; current inference does
     not. Whether to call this is the caller's option; the pipeline's default follows training.
     """
     if lo > hi:
@@ -393,7 +392,7 @@ def has_enough_foreground(
 ) -> bool:
     """True when the cropped label has more than ``threshold`` voxels > 0.
 
-    Upstream training replaces a sample with ``sum <= 1000`` by a random other one (quirk §6.21); the
+    Upstream training replaces a sample with ``sum <= 1000`` by a random other one; the
     pipeline decides how to redraw. Use ``threshold=0`` to only reject empty crops.
     """
     return int(np.count_nonzero(np.asarray(label) > 0)) > threshold

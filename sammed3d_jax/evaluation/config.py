@@ -1,7 +1,7 @@
 """The evaluation ConfigDict (``eval.py --config``): the interactive protocol and what to write.
 
     python eval.py --checkpoint runs/default --data DATASET --out runs/default/eval
-    python eval.py --config sammed3d_jax/evaluation/config.py:paper ...     # paper-era protocol (quirk 20)
+    python eval.py --config sammed3d_jax/evaluation/config.py:paper ...     # paper-era protocol
     python eval.py --config.click_counts="(1,2,3,5,10)" --config.click_mode=ritm --config.save_masks=True
 
 Args: "" (default) = current upstream scripts (``medim_val_dataset.py``); "paper" = the ECCV-era protocol

@@ -1,4 +1,4 @@
-"""Interactive inference on one volume as upstream's current scripts do it (spec §3.3-3.5), for eval and predict.
+"""Interactive inference on one volume as upstream's current scripts do it, for eval and predict.
 
 The chain, per (case, target):
 
@@ -9,9 +9,11 @@ The chain, per (case, target):
    target, as upstream; or the clicks, for predict) and z-normalise the ROI over ``x > 0`` (unbiased std, per ROI).
 3. ``Segmenter``: the encoder runs once per ROI; then click after click, each click is written into a fixed-size
    buffer of ``max_clicks`` slots (unused slots ABSENT, masked out by the model, so one compilation serves every
-   click count), the previous low-res logits are fed back as the mask prompt (zeros for the first click: quirk 5),
-   ``multimask_output=False`` (quirk 6), and the low-res logits are upsampled trilinearly to the ROI.
-   ``logits > 0`` is upstream's ``sigmoid > 0.5``. Encoder and click step are jitted once per shape.
+   click count), the previous low-res logits are fed back as the mask prompt (zeros for the first click: upstream
+   never trained its no-mask embedding), ``multimask_output=False`` (mask token 0, as every upstream path), and the
+   low-res logits are upsampled trilinearly to the ROI. A voxel is in the mask when its probability exceeds
+   ``MASK_THRESHOLD`` (upstream's ``sigmoid > 0.5``, i.e. ``logits > 0``: ``mask_from_logits``). Encoder and click
+   step are jitted once per shape.
 4. ``paste_back``: nearest resampling of the ROI mask onto the original image grid (affine and shape), zero outside
    the ROI (upstream's ``data_postprocess``).
 
@@ -25,6 +27,7 @@ Imports the model, data/ transforms and clicks; never the training code, configs
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,15 +40,31 @@ from jaxtyping import Array, Bool, Float, Integer, Shaped
 from sammed3d_jax.data import clicks as click_lib
 from sammed3d_jax.data import transforms
 from sammed3d_jax.data.nifti import Geometry, reorient_to_ras
-from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
 from sammed3d_jax.model.sam import Sam3D, upsample_logits
 from sammed3d_jax.shapes import ABSENT, NEGATIVE, POSITIVE
 
 DEFAULT_SPACING_MM = (1.5, 1.5, 1.5)
 CLICK_MODES = ("random", "ritm", "dt", "ritm_random")
+# Probability above which a voxel belongs to the predicted mask (upstream inference: sigmoid(logits) > 0.5). Training's
+# click rule thresholds logits at 0.5 instead (an upstream quirk kept for parity, in the training config).
+MASK_THRESHOLD = 0.5
+_MASK_LOGIT = math.log(MASK_THRESHOLD / (1.0 - MASK_THRESHOLD))  # the same threshold on logits: 0.0
 
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
 DecodeFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def mask_from_logits(
+    logits: Shaped[Array, "*dims"] | Shaped[np.ndarray, "*dims"],
+) -> Bool[Array, "*dims"] | Bool[np.ndarray, "*dims"]:
+    """``probability > MASK_THRESHOLD`` computed on logits (numpy or jax arrays, strict comparison)."""
+    return logits > _MASK_LOGIT
+
+
+def mask_from_probabilities(probabilities: Shaped[np.ndarray, "*dims"]) -> Bool[np.ndarray, "*dims"]:
+    """``probability > MASK_THRESHOLD`` (e.g. for probabilities averaged over overlapping windows)."""
+    return probabilities > MASK_THRESHOLD
 
 
 # --- Preprocessing and paste-back (numpy) ---
@@ -137,7 +156,7 @@ def window_at(source_shape: Sequence[int] | np.ndarray, start: Sequence[int] | n
 def paste_back(
     roi_values: Shaped[np.ndarray, "s0 s1 s2"], roi_geom: Geometry, original_geom: Geometry
 ) -> Shaped[np.ndarray, "h w d"]:
-    """Nearest resampling of ROI values (mask or label) onto the original grid; zero outside the ROI (§3.3 step 10)."""
+    """Nearest resampling of ROI values (mask or label) onto the original grid; zero outside the ROI (as upstream)."""
     values = np.asarray(roi_values)
     if values.dtype == np.bool_:
         return transforms.resample_to_geometry(values.astype(np.uint8), roi_geom, original_geom, order=0) > 0
@@ -151,11 +170,12 @@ def paste_back(
 def sam3d_functions(cfg: ModelConfig) -> tuple[EncodeFn, DecodeFn]:
     """``encode(variables, volume [1,S,S,S,1])`` and ``decode(variables, emb, points, labels, low) -> (low, full)``.
 
-    ``decode`` always passes a mask prompt (quirk 5) and takes mask token 0 (``multimask_output=False``, quirk 6);
+    ``decode`` always passes a mask prompt (zeros before the first click) and takes mask token 0
+    (``multimask_output=False``);
     ``full`` is the float32 trilinear upsampling of ``low`` to ``S``³. Cached per config, so that every Segmenter
     of one config shares the jitted functions (and their compilations).
     """
-    model = Sam3D(cfg)
+    model = Sam3D(resolve_attention_impl(cfg, jax.default_backend()))
 
     def encode(variables, volume):
         return model.apply(variables, volume, method=Sam3D.encode)
@@ -181,7 +201,7 @@ def _click_step(decode_fn, variables, embedding, points, labels, low, t, point, 
 
 
 def _simulated_step(decode_fn, rule, variables, embedding, points, labels, low, logits, gt, key, t):
-    pred = logits > 0  # Upstream inference: sigmoid(logits) > 0.5 (quirk 8 concerns training only).
+    pred = mask_from_logits(logits)
     if rule == "ritm":
         point, label = click_lib.sample_click_ritm(key, gt, pred)
     else:
@@ -219,8 +239,8 @@ class Interaction:
     n_clicks: int = 0
 
     def mask(self) -> np.ndarray:
-        """The current prediction ``[S, S, S]`` on the host (``logits > 0``)."""
-        return np.asarray(self.logits[0] > 0)
+        """The current prediction ``[S, S, S]`` on the host (``mask_from_logits``)."""
+        return np.asarray(mask_from_logits(self.logits[0]))
 
     def clicks(self) -> tuple[np.ndarray, np.ndarray]:
         """``(points [n, 3], labels [n])`` of the clicks made, on the host."""
@@ -355,7 +375,7 @@ def simulate_clicks(
         record_at: click counts to keep (e.g. 1, 3, 5, 10); the largest sets the number of clicks.
         mode: "random", "ritm"/"dt" or "ritm_random" (see ``click_rule``).
         first_click: a given first click (ROI voxel, positive) instead of a simulated one (paper-era crops
-            centred on the first click, quirk 20).
+            centred on the first click, as the paper describes its evaluation).
 
     Returns:
         The recorded masks, the clicks and the timings.

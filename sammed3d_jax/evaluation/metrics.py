@@ -1,12 +1,16 @@
-"""Segmentation metrics on host masks (numpy/scipy): Dice, IoU, normalised surface Dice, Hausdorff 95, summaries.
+"""Segmentation metrics on host masks (numpy/scipy): Dice, normalised surface Dice (NSD), the score-vs-clicks AUC and
+dataset summaries: the numbers evaluation reports, as upstream's metric code defines them.
 
-Owns the numbers that evaluation reports (spec §5.1). Surface metrics follow the definition of DeepMind's
-``surface_distance`` package (Nikolov et al. 2018): the surface is made of marching-cubes surface elements ("surfels")
-of the 2x2x2 voxel neighbourhoods, each with its area in mm² at the true (anisotropic) spacing, and distances are
-Euclidean distances in mm between surfel positions, from distance transforms with that spacing. The lookup table
-of surfel areas is derived here from marching cubes (``_triangle_normals``), not copied.
+NSD follows the definition of DeepMind's ``surface_distance`` package (Nikolov et al. 2018): the surface is made of
+marching-cubes surface elements ("surfels") of the 2x2x2 voxel neighbourhoods, each with its area in mm² at the true
+(anisotropic) spacing, and distances are Euclidean distances in mm between surfel positions, from distance transforms
+with that spacing. Why our own implementation rather than the package: the package (``surface-distance`` 0.1, a
+2018 research release) is not maintained, imports scipy namespaces that scipy deprecates, and is not on the list of
+dependencies this project allows at run time; reimplementing it is about 100 lines, and keeping the package as a
+test-only oracle (``[dev]``) checks every surfel area and NSD value against it independently. The surfel-area table
+is derived here from marching cubes (``_triangle_normals``), not copied from the package.
 
-NaN policy (upstream §5.1, for every overlap and surface score here): both masks empty -> NaN (nothing to score;
+NaN policy (upstream's, for every overlap and surface score here): both masks empty -> NaN (nothing to score;
 ``summarize`` skips it); ground truth empty and prediction non-empty -> 0; ground truth non-empty and prediction
 empty -> 0 (it follows from the formulas). Distances of an empty surface are +inf.
 
@@ -43,13 +47,6 @@ def dice(pred: Shaped[np.ndarray, "*dims"], gt: Shaped[np.ndarray, "*dims"]) -> 
     pred, gt = _as_masks(pred, gt)
     total = int(pred.sum()) + int(gt.sum())
     return float("nan") if total == 0 else 2.0 * int(np.logical_and(pred, gt).sum()) / total
-
-
-def iou(pred: Shaped[np.ndarray, "*dims"], gt: Shaped[np.ndarray, "*dims"]) -> float:
-    """Intersection over union ``|P∩G| / |P∪G|``; NaN when both masks are empty, 0 when exactly one is."""
-    pred, gt = _as_masks(pred, gt)
-    union = int(np.logical_or(pred, gt).sum())
-    return float("nan") if union == 0 else int(np.logical_and(pred, gt).sum()) / union
 
 
 def _polygons(inside: frozenset) -> list[list[np.ndarray]]:
@@ -161,24 +158,6 @@ class SurfaceDistances:
         within += self.pred_areas[self.pred_to_gt <= tolerance_mm].sum()
         return float(within / total)
 
-    def hausdorff(self, percent: float = 95.0) -> float:
-        """Area-weighted robust Hausdorff distance (mm): the larger of the two directed ``percent`` percentiles.
-
-        A directed percentile is the smallest surfel distance whose cumulative (distance-sorted) area reaches
-        ``percent`` % of that surface's area. NaN when both masks are empty, +inf when exactly one is.
-        """
-        if self.gt_areas.size == 0 and self.pred_areas.size == 0:
-            return float("nan")
-        if self.gt_areas.size == 0 or self.pred_areas.size == 0:
-            return float("inf")
-
-        def directed(distances, areas):
-            order = np.argsort(distances, kind="stable")
-            fraction = np.cumsum(areas[order]) / areas.sum()
-            return distances[order][min(int(np.searchsorted(fraction, percent / 100.0)), len(order) - 1)]
-
-        return float(max(directed(self.gt_to_pred, self.gt_areas), directed(self.pred_to_gt, self.pred_areas)))
-
 
 def surface_distances(
     pred: Shaped[np.ndarray, "h w d"], gt: Shaped[np.ndarray, "h w d"], spacing_mm: Sequence[float]
@@ -247,16 +226,6 @@ def normalized_surface_dice(
     return surface_distances(pred, gt, spacing_mm).surface_dice(tolerance_mm)
 
 
-def hausdorff95(
-    pred: Shaped[np.ndarray, "h w d"], gt: Shaped[np.ndarray, "h w d"], spacing_mm: Sequence[float]
-) -> float:
-    """95th-percentile (surfel-area-weighted) symmetric Hausdorff distance in mm; see ``SurfaceDistances.hausdorff``.
-
-    NaN when both masks are empty, +inf when exactly one is empty.
-    """
-    return surface_distances(pred, gt, spacing_mm).hausdorff(95.0)
-
-
 def _mean_std(values: np.ndarray) -> dict[str, float | int]:
     finite = values[~np.isnan(values)]
     if finite.size == 0:  # no warning for an all-NaN slice: the summary says NaN and n = 0
@@ -270,7 +239,7 @@ def _mean_std(values: np.ndarray) -> dict[str, float | int]:
 
 
 def summarize(per_target: Mapping[str, Sequence[float]]) -> dict[str, dict]:
-    """Dataset summary of one metric, as upstream's ``compute_dataset_metrics`` (spec §5.1).
+    """Dataset summary of one metric, as upstream's ``compute_dataset_metrics``.
 
     Args:
       per_target: for each target (class) name, the metric of every case (NaN where both masks were empty).

@@ -21,7 +21,10 @@ so Dice and NSD are finite (an empty prediction scores 0). Means skip NaN anyway
 nanmean, population std, ``n``/``n_nan`` reported); "overall" pools all (case, target) values.
 
 A bad case (unreadable file, image/label geometry mismatch, empty target, any error while running it) is recorded
-as failed and the run continues. Only this module, eval.py and the training loop read a ConfigDict.
+as failed with its reason and the run continues. What dataset discovery could not turn into a target (an unreadable,
+truncated or fractional label, a label holding background only, an image without a label) is listed as skipped with
+its reason, in the printed table and in ``summary.json``. Only this module, eval.py and the training loop read a
+ConfigDict.
 """
 
 import dataclasses
@@ -34,7 +37,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
+from sammed3d_jax import cli, writers
 from sammed3d_jax.data.check import LINEAR_TOL, ORIGIN_TOL_MM
 from sammed3d_jax.data.manifest import Record, load_records
 from sammed3d_jax.data.nifti import Geometry, read_image, read_label, write_nifti
@@ -102,7 +107,8 @@ def _check_same_grid(image_path: str, image_geom: Geometry, label_path: str, lab
 
 
 def _error_text(err: BaseException) -> str:
-    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+    text = cli.one_line(err)  # never empty: a MemoryError says "out of memory", a bare error its type
+    return text if isinstance(err, (ValueError, MemoryError)) else f"{type(err).__name__}: {text}"
 
 
 def _row(record: Record) -> dict[str, Any]:
@@ -116,7 +122,8 @@ def _crop_for(case: inference.ResampledCase, ras_target: np.ndarray, options: Ev
     """(window, first click in ROI coordinates or None) for one target."""
     if options.crop == "target":
         return inference.target_crop(ras_target, crop_size), None
-    # Paper era (quirk 20): the crop is centred on the first click, a uniform target voxel.
+    # Paper era: the crop is centred on the first click, a uniform target voxel (the code's crop is centred on the
+    # target's bounding box instead).
     voxels = np.argwhere(ras_target)
     p = voxels[np.random.default_rng([options.seed, seed]).integers(len(voxels))]
     start = p - crop_size // 2
@@ -244,17 +251,18 @@ def summarize_rows(rows: Sequence[dict[str, Any]], options: EvalOptions) -> dict
     return {"per_target": per_target, "overall": overall}
 
 
-def evaluate_records(segmenter: inference.Segmenter, records: Sequence[Record], options: EvalOptions, out: str, *,
+def evaluate_records(segmenter: inference.Segmenter | None, records: Sequence[Record], options: EvalOptions, out: str, *,
                      problems: Sequence[tuple[str, str]] = (), info: dict[str, Any] | None = None,
                      max_cases: int = 0, progress: bool = False, compile_s: float | None = None) -> dict[str, Any]:
     """Evaluates records case by case and writes ``per_target.csv``, ``summary.json`` and ``dice_vs_clicks.png``.
 
     Args:
-        segmenter: the jitted model (``max_clicks`` >= the largest click count).
+        segmenter: the jitted model (``max_clicks`` >= the largest click count); None only without records.
         records: targets to evaluate (grouped into cases by their image and label files, order kept).
         options: the protocol.
         out: output folder (created).
-        problems: (file, problem) pairs found while discovering the dataset, reported in the summary.
+        problems: (file, problem) pairs found while discovering the dataset (labels that gave no target), listed as
+            skipped with their reasons.
         info: extra provenance for the summary (checkpoint, data, config).
         max_cases: > 0 evaluates only the first N cases.
         progress: progress bar on stderr.
@@ -263,14 +271,17 @@ def evaluate_records(segmenter: inference.Segmenter, records: Sequence[Record], 
     Returns:
         The summary (as written to ``summary.json``).
     """
-    if segmenter.max_clicks < options.click_counts[-1]:
+    if records and segmenter is None:
+        raise ValueError("evaluate_records: records to evaluate but no model")
+    if segmenter is not None and segmenter.max_clicks < options.click_counts[-1]:
         raise ValueError(f"segmenter holds {segmenter.max_clicks} clicks, protocol needs {options.click_counts[-1]}")
-    os.makedirs(out, exist_ok=True)
+    out_dir = epath.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     cases: dict[tuple[str, str], list[Record]] = {}
     for r in records:
         cases.setdefault((r.image, r.label), []).append(r)
     groups = list(cases.values())[: max_cases or None]
-    masks_dir = os.path.join(out, "masks") if options.save_masks else None
+    masks_dir = os.fspath(out_dir / "masks") if options.save_masks else None
     from tqdm import tqdm
 
     t0, rows, written = time.perf_counter(), [], set()
@@ -289,20 +300,19 @@ def evaluate_records(segmenter: inference.Segmenter, records: Sequence[Record], 
         "options": dataclasses.asdict(options),
         "nan_policy": NAN_POLICY,
         "counts": {"cases": len(groups), "targets": len(rows), "scored": len(scored), "failed": len(failed),
-                   "discovery_problems": len(problems)},
+                   "skipped": len(problems)},
         **summarize_rows(rows, options),
         "timing": {"compile_s": compile_s, "total_s": total_s, "case_s": _stats(case_times),
                    "click_s": _stats([r["click_s"] for r in scored]),
                    "encode_s": _stats([r["encode_s"] for r in scored])},
         "failed": failed,
-        "discovery_problems": [{"file": f, "problem": p} for f, p in problems],
+        "skipped": [{"file": f, "problem": p} for f, p in problems],
         "metric_per_target": rows,
     }
-    summary = report.json_safe(summary)
-    report.write_csv(os.path.join(out, "per_target.csv"), rows, options.metric_names)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, allow_nan=False)
-    report.plot_dice_vs_clicks(summary, os.path.join(out, "dice_vs_clicks.png"))
+    summary = writers.json_safe(summary)
+    report.write_csv(out_dir / "per_target.csv", rows, options.metric_names)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    report.plot_dice_vs_clicks(summary, out_dir / "dice_vs_clicks.png")
     return summary
 
 
@@ -363,17 +373,20 @@ def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str) -> d
     from sammed3d_jax.evaluation.checkpoints import load_checkpoint
 
     options = options_from_config(config)
-    loaded = load_checkpoint(checkpoint, config.model_config or None, config.dtype)
+    loaded = load_checkpoint(checkpoint, config.model_config or None, config.dtype,
+                             config_flag="--config.model_config")
     if not data:
         data = default_datasets(checkpoint, config.mni152)
     records, problems = [], []
-    for dataset in data:
+    for dataset in data:  # before compiling: a wrong folder is named without waiting for the compiler
         found, issues = load_dataset(dataset, config.split)
         records += found
         problems += issues
-    segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=options.click_counts[-1])
-    rules = sorted({inference.click_rule(options.click_mode, t) for t in range(options.click_counts[-1])})
-    compile_s = segmenter.warmup(rules)
+    segmenter, compile_s = None, None
+    if records:  # nothing to compile for a dataset whose every label was skipped: the report says why
+        segmenter = inference.Segmenter.from_model(loaded.variables, loaded.cfg, max_clicks=options.click_counts[-1])
+        rules = sorted({inference.click_rule(options.click_mode, t) for t in range(options.click_counts[-1])})
+        compile_s = segmenter.warmup(rules)
     info = {"checkpoint": loaded.describe(), "data": [os.path.abspath(d) for d in data],
             "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
     summary = evaluate_records(segmenter, records, options, out, problems=problems, info=info,

@@ -5,41 +5,13 @@ the interaction. ``num_clicks`` is a traced int (drawn on device per step), and 
 by ``lax.cond``, so changing it never recompiles. The scan body is rematerialised (``jax.checkpoint``) so the backward
 pass stores only the small carry per click; ``ModelConfig.remat_encoder_blocks`` does the same for the encoder.
 
-Where we follow upstream (``train.py::BaseTrainer``, spec §4.2-4.4) and where we knowingly differ:
+Randomness: the step-level draws (click count, the random prompt-less step) come from
+``fold_in(step_root, state.step)``; each sample's clicks from ``fold_in(sample_root, element)``, where ``element`` is
+the sample's global index in the data stream, so a sample gets the same clicks on any number of processes or devices
+and in any batch row. Where this differs from upstream is tabulated in ``docs/training_vs_upstream.md``.
 
-=========================================  ====================================================================
-Upstream                                   Here
-=========================================  ====================================================================
-encoder once per batch, trained            same
-11 interaction steps, hard-coded           ``max_clicks`` (default 11); ``num_clicks`` drawn in
-                                           ``[min_clicks, max_clicks]`` per step (default 11..11 = upstream)
-click from ``prev_masks > 0.5`` on LOGITS  same by default (quirk 8, ``click_threshold=0.5``); 0.0 = prob 0.5
-(quirk 8); first click from zeros
-click drawn every step (numpy global RNG)  drawn every step on device by ``sample_click`` with
-                                           ``fold_in(key, s)``; the key is ``fold_in(train_key, state.step)``
-prompt-less pass at a random step in       same: ``random_insert`` inclusive range (2, 8) and the last active
-{2..8} and at the last step                step (``prompt_less_last``); prompt-less = an all-ABSENT point row,
-                                           exactly upstream's ``points=None`` call
-only the newest click is fed (quirk 11)    same by default; ``accumulate_clicks`` keeps all clicks so far in an
-                                           ABSENT-padded buffer (upstream ``--multi_click``); clicks drawn at
-                                           prompt-less steps stay in the buffer
-previous low-res logits fed back, NOT      same (quirk 12); ``stop_mask_gradient`` detaches them
-detached
-DiceCE (MONAI, squared_pred) per click,    same, float32; ``use_bce=False`` gives MONAI < 1.3's Dice-only
-summed over the 11 clicks                  loss (quirk 7)
-loss / 20 then backward per micro-batch;   mean of micro-batch gradients over ``accum_steps`` (optax.MultiSteps):
-update when ``step % 20 == 0 and step``    every update takes exactly ``accum_steps`` micro-batches; upstream's
-(first update after 21; quirk 13);         first takes 21. No epoch-end drop of leftover gradients (the
-leftovers dropped each epoch               accumulator carries over)
-float16 autocast + GradScaler              ``ModelConfig.dtype`` compute (bf16 on accelerators) with float32
-                                           params, loss and logits; no loss scaling needed for bf16; non-finite
-                                           micro-batches skipped and counted (GradScaler skips fp16 overflows)
-DDP never all-reduces gradients: each      the batch is sharded over the mesh and the loss is the mean over
-rank trains its own replica (quirk 14)     the GLOBAL batch, so gradients are averaged across devices/hosts
-logged Dice = Dice(prev_masks > 0.5)       same threshold on logits; per click, and the final one
-=========================================  ====================================================================
-
-Must not import data/pipeline code or ml_collections; it imports the model, ``data.clicks`` (jnp only) and optax.
+Must not import data/pipeline code or ml_collections; it imports the model, ``data.clicks`` and ``data.augment``
+(jnp only) and optax.
 """
 
 import dataclasses
@@ -78,6 +50,8 @@ class StepConfig:
       use_bce: include BCE in the loss.
       click_threshold: logit threshold of the prediction from which clicks are drawn and Dice is measured.
       remat_clicks: rematerialise the scan body in the backward pass (memory: only the carry is stored per click).
+      normalization: z-normalisation of raw batches (``"per_volume"``, ``"batch_pooled"`` over the global batch,
+        ``"none"``), applied on device by :func:`model_input`.
     """
 
     max_clicks: int = 11
@@ -89,6 +63,7 @@ class StepConfig:
     use_bce: bool = True
     click_threshold: float = 0.5
     remat_clicks: bool = True
+    normalization: str = "per_volume"
 
     def __post_init__(self):
         if not 1 <= self.min_clicks <= self.max_clicks:
@@ -98,37 +73,69 @@ class StepConfig:
         object.__setattr__(self, "random_insert", tuple(int(v) for v in self.random_insert))
 
 
-def interactive_loss(params: Any, buffers: Any, batch: Batch, key: jax.Array, num_clicks: jax.Array, *,
-                     model: Sam3D, cfg: StepConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+def draw_interaction(key: jax.Array, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
+    """The step-level random choices: the click count and the step made prompt-less at random.
+
+    Args:
+      key: this step's key.
+      cfg: interaction settings.
+
+    Returns:
+      ``(num_clicks, insert_at)``: int32 scalars; ``num_clicks`` uniform in ``[min_clicks, max_clicks]``,
+      ``insert_at`` uniform in the inclusive ``random_insert`` range (-1 when disabled).
+    """
+    k_count, k_insert = jax.random.split(key)
+    num_clicks = jax.random.randint(k_count, (), cfg.min_clicks, cfg.max_clicks + 1)
+    if cfg.random_insert:
+        insert_at = jax.random.randint(k_insert, (), cfg.random_insert[0], cfg.random_insert[1] + 1)
+    else:
+        insert_at = jnp.asarray(-1, jnp.int32)
+    return num_clicks, insert_at
+
+
+def sample_keys(sample_root: jax.Array, element: jax.Array) -> jax.Array:
+    """One PRNG key per sample, ``fold_in(sample_root, element)``, from the samples' global stream indices."""
+    return jax.vmap(lambda e: jax.random.fold_in(sample_root, e))(element.astype(jnp.uint32))
+
+
+def _click_per_sample(keys: jax.Array, s: jax.Array, gt: jax.Array, pred: jax.Array):
+    # Each row draws from its own key: the click of a sample does not depend on its batch neighbours.
+    def one(key, g, p):
+        pt, lb = sample_click(jax.random.fold_in(key, s), g[None], p[None])
+        return pt[0], lb[0]
+
+    return jax.vmap(one)(keys, gt, pred)
+
+
+def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, num_clicks: jax.Array,
+                     insert_at: jax.Array, *, model: Sam3D, cfg: StepConfig
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sum over the active clicks of the DiceCE loss of upstream's simulated interaction.
 
     Args:
       params: trainable model params.
       buffers: model buffers (constant).
-      batch: ``{"image": f32 [b,S,S,S,1], "label": [b,S,S,S] (nonzero = foreground)}``.
-      key: PRNG key of this micro-batch.
+      batch: ``{"image": f32 [b,S,S,S,1], "label": [b,S,S,S] (nonzero = foreground), ...}``.
+      keys: one PRNG key per sample (:func:`sample_keys`).
       num_clicks: int32 scalar in ``[1, max_clicks]``; later scan steps are skipped.
+      insert_at: int32 scalar, the scan step made prompt-less at random (-1: none).
       model: the Sam3D module.
       cfg: interaction settings.
 
     Returns:
-      ``(loss, aux)``: the float32 summed loss and ``{"dice_per_click": f32 [max_clicks] (NaN where inactive),
-      "loss_per_click": f32 [max_clicks] (0 where inactive)}``.
+      ``(loss, aux)``: the float32 summed loss and ``{"dice_per_click": f32 [max_clicks] (batch mean, NaN where
+      inactive), "dice_per_sample": f32 [max_clicks, b], "loss_per_click": f32 [max_clicks] (0 where inactive),
+      "prompt_less": bool [max_clicks]}``.
     """
     variables = {"params": params, "buffers": buffers}
     image, gt = batch["image"], batch["label"] > 0
     b, size = image.shape[0], image.shape[1]
     emb = model.apply(variables, image, method=Sam3D.encode)
-    k_insert, k_clicks = jax.random.split(key)
-    if cfg.random_insert:
-        insert_at = jax.random.randint(k_insert, (), cfg.random_insert[0], cfg.random_insert[1] + 1)
-    else:
-        insert_at = jnp.asarray(-1, jnp.int32)
     low_size = model.cfg.low_res_size
     low0 = jnp.zeros((b, low_size, low_size, low_size, 1), jnp.float32)
     # Click 0 comes from an all-background prediction (upstream's zero prev_masks); later clicks are drawn at the end
     # of the previous step from its prediction, so the carry holds only [b, 3] + [b] instead of a full mask.
-    pt0, lb0 = sample_click(jax.random.fold_in(k_clicks, 0), gt, jnp.zeros_like(gt))
+    pt0, lb0 = _click_per_sample(keys, jnp.int32(0), gt, jnp.zeros_like(gt))
     n_buf = cfg.max_clicks if cfg.accumulate_clicks else 1
     buf_pts = jnp.zeros((b, n_buf, 3), jnp.float32)
     buf_lbl = jnp.full((b, n_buf), ABSENT, jnp.int32)
@@ -152,13 +159,13 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, key: jax.Array, nu
         full = upsample_logits(new_low, size)[..., 0]
         loss = losses.dice_ce_loss(full, gt, cfg.use_bce)
         pred = jax.lax.stop_gradient(full) > cfg.click_threshold
-        dice = jnp.mean(losses.dice_score(jax.lax.stop_gradient(full), gt, cfg.click_threshold))
-        next_pt, next_lb = sample_click(jax.random.fold_in(k_clicks, s + 1), gt, pred)
-        return (new_low, next_pt, next_lb, buf_pts, buf_lbl), (loss, dice)
+        dice = losses.dice_score(jax.lax.stop_gradient(full), gt, cfg.click_threshold)
+        next_pt, next_lb = _click_per_sample(keys, s + 1, gt, pred)
+        return (new_low, next_pt, next_lb, buf_pts, buf_lbl), (loss, dice, prompt_less)
 
     def skipped_step(carry, s):
         del s
-        return carry, (jnp.zeros((), jnp.float32), jnp.full((), jnp.nan, jnp.float32))
+        return carry, (jnp.zeros((), jnp.float32), jnp.full((b,), jnp.nan, jnp.float32), jnp.zeros((), bool))
 
     def body(carry, s):
         return jax.lax.cond(s < num_clicks, active_step, skipped_step, carry, s)
@@ -166,8 +173,24 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, key: jax.Array, nu
     if cfg.remat_clicks:
         body = jax.checkpoint(body, prevent_cse=False)
     carry0 = (low0, pt0, lb0, buf_pts, buf_lbl)
-    _, (loss_per_click, dice_per_click) = jax.lax.scan(body, carry0, jnp.arange(cfg.max_clicks, dtype=jnp.int32))
-    return jnp.sum(loss_per_click), {"dice_per_click": dice_per_click, "loss_per_click": loss_per_click}
+    _, (loss_per_click, dice_per_sample, prompt_less) = jax.lax.scan(
+        body, carry0, jnp.arange(cfg.max_clicks, dtype=jnp.int32))
+    return jnp.sum(loss_per_click), {"dice_per_click": jnp.mean(dice_per_sample, axis=1),
+                                     "dice_per_sample": dice_per_sample, "loss_per_click": loss_per_click,
+                                     "prompt_less": prompt_less}
+
+
+def model_input(batch: Batch, normalization: str) -> tuple[Batch, jax.Array]:
+    """The model input of a batch: a raw batch from the host pipeline (crop windows with ``flip`` and ``ct_clip``
+    per row) is clipped, normalised and flipped here on the devices (``data.augment.finish_batch``, jnp only); a
+    batch without ``flip`` is already finished. Returns the batch and the number of degenerate rows (zeroed)."""
+    if "flip" not in batch:  # Static under jit: the batch's keys are part of its structure.
+        return batch, jnp.zeros((), jnp.int32)
+    from sammed3d_jax.data.augment import finish_batch  # pylint: disable=import-outside-toplevel
+
+    finished = finish_batch(batch, normalization=normalization)
+    return ({**batch, "image": finished["image"], "label": finished["label"]},
+            jnp.sum(finished["degenerate"], dtype=jnp.int32))
 
 
 def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model: Sam3D, optimizer: optim.Optimizer,
@@ -176,20 +199,24 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model: 
 
     Args:
       state: the train state (donated when jitted by :func:`jit_train_step`).
-      batch: the global batch (see :func:`interactive_loss`).
-      train_key: the run's ``train`` PRNG stream; the step uses ``fold_in(train_key, state.step)``.
+      batch: the global batch: ``image``, ``label``, ``element`` (int32 [b], each sample's global stream index),
+        ``flip`` and ``ct_clip`` when the host sent raw crops (see :func:`model_input`), and optionally ``stop`` (int32 [b], nonzero where the feeding process asks the run to stop).
+      train_key: the run's ``train`` PRNG stream.
       model: the Sam3D module.
       optimizer: from :func:`optim.make_optimizer`.
       cfg: interaction settings.
 
     Returns:
-      ``(new_state, metrics)``; metrics are scalars except ``dice_per_click`` / ``loss_per_click``.
+      ``(new_state, metrics)``; metrics are scalars except ``dice_per_click`` / ``loss_per_click``; ``stop`` is 1
+      when any process asked to stop (every process reads the same value, which is how they agree on the step).
     """
-    key = jax.random.fold_in(train_key, state.step)
-    k_clicks, k_loss = jax.random.split(key)
-    num_clicks = jax.random.randint(k_clicks, (), cfg.min_clicks, cfg.max_clicks + 1)
+    step_root, sample_root = jax.random.split(train_key)
+    num_clicks, insert_at = draw_interaction(jax.random.fold_in(step_root, state.step), cfg)
+    keys = sample_keys(sample_root, batch["element"])
+    batch, degenerate = model_input(batch, cfg.normalization)
     grad_fn = jax.value_and_grad(interactive_loss, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, state.buffers, batch, k_loss, num_clicks, model=model, cfg=cfg)
+    (loss, aux), grads = grad_fn(state.params, state.buffers, batch, keys, num_clicks, insert_at,
+                                 model=model, cfg=cfg)
     updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     skipped_now = optim.skipped_this_step(opt_state)
@@ -203,6 +230,7 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model: 
         "dice_first": dice[0],
         "dice_last": jnp.take(dice, num_clicks - 1),
         "num_clicks": num_clicks,
+        "insert_at": insert_at,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
         "update_norm": optax.tree.norm(updates),
@@ -210,6 +238,8 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model: 
         "updates": optim.update_count(opt_state),
         "skipped_now": skipped_now,
         "skipped": new_state.skipped,
+        "degenerate_rows": degenerate,
+        "stop": jnp.max(batch["stop"]).astype(jnp.int32) if "stop" in batch else jnp.zeros((), jnp.int32),
     }
     return new_state, metrics
 
@@ -234,6 +264,7 @@ def jit_train_step(model_cfg: ModelConfig, optimizer: optim.Optimizer, cfg: Step
     fn = functools.partial(train_step, model=Sam3D(model_cfg), optimizer=optimizer, cfg=cfg)
     data = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
-    return jax.jit(fn, in_shardings=(state_sharding, {"image": data, "label": data}, rep),
+    # One sharding for the whole batch dict (a pytree prefix): every batch array is split on its leading axis.
+    return jax.jit(fn, in_shardings=(state_sharding, data, rep),
                    out_shardings=(state_sharding, rep), donate_argnums=(0,),
                    compiler_options=dict(compiler_options) if compiler_options else None)

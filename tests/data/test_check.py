@@ -111,3 +111,49 @@ def test_unusable_dataset_argument_exits_two(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert main([str(tmp_path / "bad.json")]) == 2
     assert "not a sammed3d_jax.manifest file" in capsys.readouterr().err
+
+
+def _raw_nifti(path, shape, dtype, affine, payload=b""):
+    """A .nii.gz written byte by byte: a header nibabel's image class would refuse to produce, then ``payload``."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\x00" * 4 + payload))
+    return path
+
+
+def test_header_bombs_and_unusable_affines_are_per_file_problems(tmp_path, capsys):
+    root = tmp_path / "bad"
+    _case(root, "ok")
+    labels = root / "liver" / "ct_TEST" / "labelsTr"
+    _case(root, "bomb")
+    _raw_nifti(labels / "bomb.nii.gz", (1100, 1100, 1100), np.uint8, np.eye(4))  # ~70 bytes claiming 1.3 GB
+    _case(root, "flat")
+    zero_axis = np.eye(4)
+    zero_axis[:3, 1] = 0.0
+    _raw_nifti(labels / "flat.nii.gz", (6, 6, 6), np.uint8, zero_axis, np.ones(216, np.uint8).tobytes())
+    _case(root, "nanaxis")
+    nan_axis = np.eye(4)
+    nan_axis[2, 2] = np.nan
+    _raw_nifti(labels / "nanaxis.nii.gz", (6, 6, 6), np.uint8, nan_axis, np.ones(216, np.uint8).tobytes())
+    trunc = _case(root, "trunc", label=np.ones((6, 6, 5), np.uint8)).parent.parent / "imagesTr" / "trunc.nii.gz"
+    trunc.write_bytes(trunc.read_bytes()[:-20])
+    assert main([str(root), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    expected = [
+        ("labelsTr/bomb.nii.gz", "cannot read voxel data, file truncated or corrupt (the header claims shape "
+                                 "(1100, 1100, 1100) of uint8"),
+        ("labelsTr/bomb.nii.gz", "shape (1100, 1100, 1100) differs from the image's (6, 6, 6)"),
+        ("labelsTr/flat.nii.gz", "unusable geometry in the header: Geometry: affine has a zero-length axis"),
+        ("labelsTr/nanaxis.nii.gz", "unusable geometry in the header: Geometry: affine must be a finite 4x4 matrix"),
+        ("imagesTr/trunc.nii.gz", "cannot read voxel data, file truncated or corrupt"),
+        ("labelsTr/trunc.nii.gz", "shape (6, 6, 5) differs from the image's (6, 6, 6)"),  # from the header alone
+    ]
+    lines = out.splitlines()
+    for file, problem in expected:
+        assert any(line.startswith("liver/ct_TEST/" + file) and problem in line for line in lines), (file, out)
+    assert "ok.nii.gz" not in out

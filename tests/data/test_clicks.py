@@ -90,8 +90,8 @@ def test_random_click_is_uniform_over_error_region():
 def test_first_click_is_uniform_over_target():
     gt = np.zeros((1, 3, 5, 7), bool)
     gt[0, 1:3, 2:5, 3:7] = True
-    # Upstream's first step: zero logits, i.e. an empty prediction.
-    pred = clicks.threshold_logits(jnp.zeros((1, 3, 5, 7, 1)), logit_threshold=clicks.TRAIN_LOGIT_THRESHOLD)
+    # Upstream's first step: zero logits, i.e. an empty prediction under either threshold.
+    pred = jnp.zeros((1, 3, 5, 7), bool)
     points, labels = _draw_many(jax.random.split(jax.random.key(7), N_DRAWS), jnp.asarray(gt), pred)
     assert np.all(np.asarray(labels) == POSITIVE)
     assert _chi_square_p(np.asarray(points)[:, 0].astype(int), [tuple(v) for v in np.argwhere(gt[0])]) > 1e-3
@@ -106,16 +106,6 @@ def test_fallbacks_and_absent():
         points, labels = fn(jax.random.key(0), jnp.asarray(gt), jnp.asarray(pred))
         np.testing.assert_array_equal(np.asarray(points), [[1, 2, 2], [2, 2, 1], [0, 0, 1]])
         np.testing.assert_array_equal(np.asarray(labels), [POSITIVE, ABSENT, NEGATIVE])
-
-
-def test_logit_threshold_parity_option():
-    gt = jnp.zeros(SHAPE, bool)
-    logits = jnp.zeros(SHAPE).at[0, 1, 1, 1].set(0.3)  # probability 0.57: predicted at inference only
-    draw = jax.jit(clicks.sample_click_from_logits, static_argnames="logit_threshold")
-    points, labels = draw(jax.random.key(3), gt, logits)
-    assert int(labels[0]) == NEGATIVE and tuple(np.asarray(points[0])) == (1, 1, 1)
-    _, labels = draw(jax.random.key(3), gt, logits, logit_threshold=clicks.TRAIN_LOGIT_THRESHOLD)
-    assert int(labels[0]) == ABSENT
 
 
 def test_deterministic_for_a_key():
@@ -178,3 +168,25 @@ def test_ritm_clicks_centre_of_largest_error(larger):
     offsets = np.abs(np.asarray(points) - 10)
     assert np.all(offsets <= 2)
     assert np.all(_padded_edt(big[0])[tuple(np.asarray(points, int).T)] > 3)
+
+
+_ritm_many = jax.jit(jax.vmap(clicks.sample_click_ritm, in_axes=(0, None, None)))
+
+
+def test_ritm_ties_go_to_the_false_positives_and_the_threshold_is_strict():
+    """Equal largest distances pick the false positives (upstream's strict '>'); dt == max/2 is not interior."""
+    gt = np.zeros((1, 14, 14, 14), bool)
+    pred = np.zeros_like(gt)
+    gt[0, 1:4, 1:4, 1:4] = True  # false negatives: a 3^3 block, max dt 2 at its centre (2, 2, 2)
+    pred[0, 8:11, 8:11, 8:11] = True  # false positives: the same block elsewhere, centre (9, 9, 9)
+    keys = jax.random.split(jax.random.key(0), 64)
+    points, labels = map(np.asarray, _ritm_many(keys, jnp.asarray(gt), jnp.asarray(pred)))
+    # Every voxel but the centre has dt == 1 == max/2 exactly, so the strict threshold leaves only the centre.
+    assert np.all(labels == NEGATIVE)
+    np.testing.assert_array_equal(points[:, 0], np.tile([9.0, 9.0, 9.0], (64, 1)))
+    # A larger false-negative error (a 5^3 block, max dt 3 > 2) takes the click back.
+    gt[0, 1:6, 1:6, 1:6] = True
+    points, labels = map(np.asarray, _ritm_many(keys, jnp.asarray(gt), jnp.asarray(pred)))
+    assert np.all(labels == POSITIVE)
+    # dt > 3/2 inside the 5^3 block: the 3^3 core around (3, 3, 3) (core voxels have dt >= 2).
+    assert np.all(np.abs(points[:, 0] - 3) <= 1) and len({tuple(p) for p in points[:, 0]}) > 4

@@ -139,8 +139,11 @@ def test_no_layout_and_bad_dataset_json(tmp_path):
     (tmp_path / "empty" / "stuff").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"empty: no dataset found"):
         discover(tmp_path / "empty")
-    with pytest.raises(ValueError, match="not a folder"):
+    with pytest.raises(ValueError, match="nope: does not exist"):
         discover(tmp_path / "nope")
+    (tmp_path / "file.nii.gz").write_bytes(b"x")
+    with pytest.raises(ValueError, match="file.nii.gz: not a folder"):
+        discover(tmp_path / "file.nii.gz")
     folder = _nnunet(tmp_path / "D", {"background": 0, "a": 1})
     (folder / "dataset.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"dataset.json: cannot read dataset.json"):
@@ -190,3 +193,16 @@ def test_manifest_errors_name_the_file_and_record(tmp_path):
         read_manifest(path)
     rec = Record(**good)
     assert rec.label_value == 1
+
+
+def test_all_zero_label_map_is_reported_as_empty(tmp_path):
+    """An nnU-Net label map with no target voxel yields no target; discovery says so (check and prepare list it)."""
+    folder = _nnunet(tmp_path / "Dataset005_Z", {"background": 0, "a": 1, "ignore": 9},
+                     cases={"full": [1, 1], "blank": [0, 0], "ignored": [9, 0]})
+    records, problems = discover_with_problems(folder)
+    assert [r.case for r in records] == ["full"]
+    assert sorted(problems) == [
+        (str(folder / "labelsTr" / "blank.nii.gz"), "empty label map: no target voxel (values present: [0])"),
+        (str(folder / "labelsTr" / "ignored.nii.gz"), "empty label map: no target voxel (values present: [0, 9])"),
+    ]
+    assert discover_with_problems(folder, scan_labels=False)[1] == []  # not read, not judged

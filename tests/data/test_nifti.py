@@ -249,3 +249,89 @@ def test_orientation_codes(perm, flips):
     codes = Geometry(m, (2, 2, 2)).orientation
     names = [("L", "R"), ("P", "A"), ("I", "S")]
     assert codes == tuple(names[w][f > 0] for w, f in zip(perm, flips))
+
+
+def _header_only(path, shape, dtype=np.float32, affine=None):
+    """A file holding a NIfTI header (claiming ``shape``) and no voxel data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_sform(np.eye(4) if affine is None else affine, code=1)
+    block = header.binaryblock + b"\x00" * 4
+    path.write_bytes(gzip.compress(block) if path.name.endswith(".gz") else block)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(1100, 1100, 1100), (10000, 10000, 10000), (200, 200, 200)])
+@pytest.mark.parametrize("name", ["bomb.nii.gz", "bomb.nii"])
+def test_header_claiming_more_voxels_than_the_file_holds_is_a_bad_file(tmp_path, shape, name):
+    import resource
+    import time
+
+    path = _header_only(tmp_path / name, shape)
+    assert path.stat().st_size < 400
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    for read in (read_image, read_label):
+        with pytest.raises(DataFileError, match=f"{name}: cannot read voxel data, file truncated or corrupt "
+                                                r"\(the header claims shape"):
+            read(path)
+    assert time.perf_counter() - t0 < 2.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 100_000  # KiB: nothing was allocated
+
+
+def test_gzip_size_check_accepts_multi_member_files(tmp_path):
+    """A gzip file of several members (bgzip style): the trailer's ISIZE is the last member's, so it is counted."""
+    rng = np.random.default_rng(0)
+    data = rng.random((20, 20, 20)).astype(np.float32)
+    whole = _save(tmp_path / "one.nii", data).read_bytes()
+    cut = len(whole) - 1000
+    path = tmp_path / "multi.nii.gz"
+    path.write_bytes(gzip.compress(whole[:cut]) + gzip.compress(whole[cut:]))
+    np.testing.assert_array_equal(read_image(path)[0], data)
+    path.write_bytes(gzip.compress(whole[:cut]) + gzip.compress(whole[cut:-8]))
+    with pytest.raises(DataFileError, match="multi.nii.gz: cannot read voxel data"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("column, value", [(1, 0.0), (2, np.nan), (0, np.inf)])
+def test_zero_length_or_nan_affine_axis_is_a_bad_file(tmp_path, column, value):
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, column] = value
+    header = nib.Nifti1Header()
+    header.set_data_shape((4, 4, 4))
+    header.set_data_dtype(np.uint8)
+    header.set_sform(affine, code=1)  # written raw: nibabel's image class would refuse to encode this affine
+    path = tmp_path / "label.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\x00" * 4 + np.ones(64, np.uint8).tobytes()))
+    for read in (read_label, read_geometry):
+        with pytest.raises(DataFileError, match="label.nii.gz: unusable geometry in the header"):
+            read(path)
+
+
+def test_object_store_paths_read_through_memory_and_stay_checked(tmp_path, monkeypatch):
+    """The object-store route (bytes through etils.epath, decoded in memory) reads the same arrays and refuses the
+    same bad files; a local folder stands in for the bucket."""
+    from sammed3d_jax.data import nifti as nifti_module
+
+    rng = np.random.default_rng(3)
+    data = rng.random((7, 6, 5)).astype(np.float32)
+    label = (data > 0.5).astype(np.uint8)
+    for name in ("img.nii.gz", "img.nii"):
+        write_nifti(tmp_path / name, data, Geometry(SCRAMBLED, data.shape))
+    write_nifti(tmp_path / "lab.nii.gz", label, Geometry(SCRAMBLED, data.shape))
+    local = {name: read_image(tmp_path / name) for name in ("img.nii.gz", "img.nii")}
+    monkeypatch.setattr(nifti_module.paths, "is_url", lambda path: True)
+    for name, (expected, geom) in local.items():
+        got, got_geom = read_image(tmp_path / name)
+        np.testing.assert_array_equal(got, expected)
+        assert got_geom == geom
+    np.testing.assert_array_equal(read_label(tmp_path / "lab.nii.gz")[0], label)
+    bomb = _header_only(tmp_path / "bomb.nii.gz", (1100, 1100, 1100))
+    with pytest.raises(DataFileError, match="bomb.nii.gz: cannot read voxel data, file truncated or corrupt"):
+        read_image(bomb)
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti file" * 40)
+    with pytest.raises(DataFileError, match="junk.nii.gz: not a readable NIfTI file"):
+        read_label(tmp_path / "junk.nii.gz")
+    with pytest.raises(DataFileError, match="gone.nii.gz: file not found"):
+        read_image(tmp_path / "gone.nii.gz")

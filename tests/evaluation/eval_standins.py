@@ -105,3 +105,33 @@ def central_segmenter(max_clicks: int = 10) -> Segmenter:
     centred on their target)."""
     return Segmenter({}, crop_size=S, low_res_size=S // 4, max_clicks=max_clicks, encode_fn=_encode_identity,
                      decode_fn=_decode_central)
+
+
+class _Recorded:
+    """The interaction state of :class:`RecordingSegmenter`: which window, and its latest logits."""
+
+    def __init__(self, window: int, logits: np.ndarray):
+        self.window, self.logits = window, logits
+
+
+class RecordingSegmenter(Segmenter):
+    """A host-side model stand-in that reports what it received: each window's ROI and the clicks fed to it (in the
+    window's own voxel coordinates), in order. It predicts radius-4 balls around the positive clicks so far."""
+
+    def __init__(self, crop_size: int = S, max_clicks: int = 10):  # no model, nothing jitted: the host answers
+        self.crop_size, self.max_clicks = crop_size, max_clicks
+        self.windows: list[tuple[np.ndarray, list[tuple[np.ndarray, bool]]]] = []
+
+    def start(self, roi_image: np.ndarray) -> _Recorded:
+        self.windows.append((np.asarray(roi_image), []))
+        return _Recorded(len(self.windows) - 1, np.full((1,) + (self.crop_size,) * 3, -10.0, np.float32))
+
+    def click(self, inter: _Recorded, point, positive: bool) -> _Recorded:
+        clicks = self.windows[inter.window][1]
+        clicks.append((np.asarray(point, np.float64), bool(positive)))
+        grid = np.stack(np.meshgrid(*[np.arange(self.crop_size)] * 3, indexing="ij"), -1)
+        logits = np.full((self.crop_size,) * 3, -10.0, np.float32)
+        for p, pos in clicks:
+            if pos:
+                logits = np.maximum(logits, 4.0 - np.linalg.norm(grid - p, axis=-1))
+        return _Recorded(inter.window, logits[None])

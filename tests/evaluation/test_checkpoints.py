@@ -1,6 +1,8 @@
 """--checkpoint resolution: a training workdir (latest step, params only), its manager/step/state folders, a params
 directory, dtype override, and the messages for what is not a checkpoint."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ def _variables(seed):
 def workdir(tmp_path_factory):
     # A train state as the training loop saves it: step, params, buffers and an optimizer state beside them.
     root = tmp_path_factory.mktemp("run")
-    manager = orbax_io.make_manager(root, save_every=1, keep=3, async_save=False, with_iter=False)
+    manager = orbax_io.make_manager(root, save_every=1, keep=3, async_save=False)
     for step in (1, 2):
         v = _variables(step)
         state = {"step": np.int32(step), "params": v["params"], "buffers": v["buffers"],
@@ -62,7 +64,7 @@ def test_params_directory(tmp_path):
 
 
 def test_not_a_checkpoint_messages(tmp_path, workdir):
-    with pytest.raises(CheckpointError, match="no such checkpoint.*python train.py"):
+    with pytest.raises(CheckpointError, match="missing: checkpoint does not exist.*python train.py"):
         load_checkpoint(tmp_path / "missing")
     (tmp_path / "empty_run").mkdir()
     orbax_io.save_model_config(tmp_path / "empty_run", CFG)
@@ -77,3 +79,27 @@ def test_not_a_checkpoint_messages(tmp_path, workdir):
     with pytest.raises(CheckpointError, match="no model_config.json beside the checkpoint"):
         load_checkpoint(moved)
     assert load_checkpoint(moved, model_config="tiny").step == 2
+
+
+def test_unfinished_save_is_not_a_step(workdir):
+    # An interrupted save leaves Orbax's temporary folder behind; the latest finished step is still the answer.
+    unfinished = workdir / "checkpoints" / "3.orbax-checkpoint-tmp-1700000000"
+    (unfinished / "state").mkdir(parents=True)
+    try:
+        assert finished_steps(workdir / "checkpoints") == [1, 2]
+        assert load_checkpoint(workdir).step == 2
+    finally:
+        shutil.rmtree(unfinished)
+
+
+def test_mismatched_upstream_file_names_the_working_flag(tiny_fixture_dir):
+    pth, config = tiny_fixture_dir / "checkpoint.pth", tiny_fixture_dir / "config.json"
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(pth, config_flag="--config.model_config")  # the default architecture is vit_b_ori
+    message = str(err.value)
+    assert message.startswith(f"{pth}: ") and "\n" not in message and "... and" in message
+    assert "name it with --config.model_config" in message and len(message) < 1200
+    loaded = load_checkpoint(pth, str(config), config_flag="--config.model_config")  # following the hint works
+    assert loaded.kind == "file" and loaded.cfg == ModelConfig.from_json(config)
+    with pytest.raises(ValueError, match="--config.model_config nope.json: neither a model variant"):
+        load_checkpoint(pth, "nope.json", config_flag="--config.model_config")

@@ -76,7 +76,7 @@ def test_summary_aggregates_and_failures(evaluated):
     out, summary = evaluated
     on_disk = json.loads((out / "summary.json").read_text())  # strict JSON: NaN would not parse as null
     assert on_disk["counts"] == summary["counts"] == {"cases": 4, "targets": 6, "scored": 3, "failed": 3,
-                                                     "discovery_problems": 1}
+                                                     "skipped": 1}
     organ = on_disk["per_target"]["Dataset001_Hand/organ"]["dice_1"]
     assert organ["mean"] == pytest.approx((0.8 + 2 / 3) / 2, abs=1e-6)
     assert organ["std"] == pytest.approx(np.std([0.8, 2 / 3]), abs=1e-6) and organ["n"] == 2
@@ -88,12 +88,14 @@ def test_summary_aggregates_and_failures(evaluated):
     assert "C_0000.nii.gz" in errors[("C", "organ")] and "not a readable NIfTI" in errors[("C", "organ")]
     assert "D.nii.gz" in errors[("D", "organ")] and "not on the same grid" in errors[("D", "organ")]
     assert "empty ground-truth target 'lesion'" in errors[("B", "lesion")]
-    assert on_disk["discovery_problems"] == [{"file": "x.nii.gz", "problem": "image without a label"}]
+    assert on_disk["skipped"] == [{"file": "x.nii.gz", "problem": "image without a label"}]
     assert on_disk["timing"]["click_s"]["n"] == 3 and on_disk["timing"]["case_s"]["n"] == 4
     assert "NaN" in on_disk["nan_policy"] and on_disk["note"] == "test"
     assert (out / "dice_vs_clicks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = runner.report.format_table(on_disk)
     assert "| Dataset001_Hand/organ | 2 | 73.3 ± 6.7 |" in table and "FAILED Dataset001_Hand/D" in table
+    assert "3 targets scored, 3 failed, 1 skipped, 4 cases" in table
+    assert "SKIPPED x.nii.gz: image without a label" in table
 
 
 def test_masks_are_label_maps_on_the_label_grid(evaluated, dataset):
@@ -135,7 +137,8 @@ def test_eval_cli_without_a_trained_checkpoint_says_to_train_first(tmp_path):
         proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), f"--checkpoint={ckpt}"],
                               capture_output=True, text=True, cwd=tmp_path, timeout=120,
                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert "python train.py" in proc.stderr and str(ckpt) in proc.stderr
 
 
@@ -162,3 +165,37 @@ def test_prepared_store_and_manifest_select_the_targets(dataset, tmp_path):
             (r.case, r.target, r.image, r.label) for r in a) and problems == []
     found, problems = runner.load_dataset(str(root))
     assert len(found) == 5 and problems == []
+
+
+def test_label_side_problems_are_listed_with_reasons(tmp_path, capsys):
+    # Labels that cannot give a target (truncated, fractional, background only) must not vanish from the report.
+    root = tmp_path / "Dataset002_Labels"
+    write_dataset_json(root, {"organ": 1})
+    geom = geometry(SHAPE_B, kind="ras")
+    for case in ("good", "truncated", "fractional", "background"):
+        write_nnunet_case(root, case, bright_image(P1_B), L1_B.astype(np.uint8), geom)
+    truncated = root / "labelsTr" / "truncated.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    from sammed3d_jax.data.nifti import write_nifti
+
+    write_nifti(root / "labelsTr" / "fractional.nii.gz", L1_B * 0.5, geom)
+    write_nifti(root / "labelsTr" / "background.nii.gz", np.zeros(SHAPE_B, np.uint8), geom)
+    records, problems = runner.load_dataset(str(root))
+    assert [r.case for r in records] == ["good"]
+    summary = runner.evaluate_records(threshold_segmenter(max_clicks=1), records, runner.EvalOptions(click_counts=(1,)),
+                                      str(tmp_path / "out"), problems=problems)
+    assert summary["counts"]["scored"] == 1 and summary["counts"]["skipped"] == 3
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    reasons = {os.path.basename(s["file"]): s["problem"] for s in on_disk["skipped"]}
+    assert set(reasons) == {"truncated.nii.gz", "fractional.nii.gz", "background.nii.gz"}
+    assert "not a readable NIfTI" in reasons["truncated.nii.gz"] or "truncated" in reasons["truncated.nii.gz"]
+    assert "whole numbers" in reasons["fractional.nii.gz"] or "integer" in reasons["fractional.nii.gz"]
+    assert reasons["background.nii.gz"] == "empty label map: no target voxel (values present: [0])"
+    table = runner.report.format_table(on_disk)
+    assert "1 targets scored, 0 failed, 3 skipped" in table
+    assert all(f"SKIPPED {s['file']}: {s['problem']}" in table for s in on_disk["skipped"])
+    # Nothing left to score: no model is needed to say so, and the report still lists every reason.
+    empty = runner.evaluate_records(None, [], runner.EvalOptions(click_counts=(1,)), str(tmp_path / "none"),
+                                    problems=problems)
+    assert empty["counts"] == {"cases": 0, "targets": 0, "scored": 0, "failed": 0, "skipped": 3}
+    assert (tmp_path / "none" / "dice_vs_clicks.png").exists()

@@ -107,4 +107,6 @@ def test_lr_multiplier_paths():
     assert optim.lr_multiplier("mask_decoder/output_upscaling_0/kernel", cfg) == 0.1
     assert optim.lr_multiplier("mask_decoder/iou_prediction_head/layers_0/bias", cfg) == 0.0
     assert optim.lr_multiplier("prompt_encoder/no_mask_embed/embedding", cfg) == 0.0
-    jax.tree.map(lambda x: x, cfg.lr_multipliers)  # Hashable, plain tuples.
+    # Plain nested tuples, so the config hashes (a static jit argument) and equal configs hash alike.
+    assert type(cfg.lr_multipliers) is tuple and all(type(r) is tuple for r in cfg.lr_multipliers)
+    assert hash(cfg) == hash(optim.OptimConfig()) and cfg == optim.OptimConfig()

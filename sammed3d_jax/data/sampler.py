@@ -1,0 +1,229 @@
+"""Per-element random decisions and the batch window reader of the training pipeline (host side only).
+
+Owns ``EpochShuffle`` (the record order: a fresh permutation per epoch), ``CropSampler`` (a Grain ``RandomMap``:
+record index -> which record, how many redraws, which flips) and ``WindowReader`` (a Grain ``Map`` over a batch
+of decisions: reads each crop window into one preallocated batch buffer), plus ``crop_window``. numpy + grain; must not import jax, flax, training/ or the model.
+
+The host does only what needs the store: the redraw rule and the window copy. What a sample's record is and how
+it is flipped are drawn from the element's own ``np.random.Generator`` exactly as when the host did every step
+(the draws of the redraw loop, then one ``rng.random(len(flip_axes))`` for the flips), so the final samples are
+the same; clip, normalisation and flips are applied on the accelerator (``data/augment.py``).
+
+Whether a draw of record r is usable depends only on r's centred crop, so it is decided once per process and
+remembered (``_status``): the first draw of a record reads its window and checks it (target voxels in the crop
+``> min_crop_foreground``; readable; finite; for ``per_volume`` normalisation, more than one voxel ``> 0`` after the
+CT clip with a non-zero standard deviation), later draws of it read nothing. The outcome is the one the host-side
+pipeline reached on every draw; a bad record is logged once and counted in ``bad_skipped`` at every draw.
+"""
+
+import dataclasses
+import logging
+import sys
+import threading
+from typing import Any
+
+import grain
+import numpy as np
+
+from sammed3d_jax.data import cache, transforms
+from sammed3d_jax.data import store as store_lib
+
+log = logging.getLogger(__name__)
+
+OK, SMALL, BAD = "ok", "small", "bad"
+
+
+class EpochShuffle(grain.MapDataset):
+    """Endless record order: element ``i`` is ``perm_e[i % n]`` with ``e = i // n`` and ``perm_e`` a permutation of
+    ``range(n)`` drawn from ``np.random.default_rng([seed, SHUFFLE_STREAM, e])``, computed once per epoch.
+
+    Grain's ``MapDataset.shuffle`` computes each index with a cycle-walking Feistel permutation whose cost grows
+    as the dataset shrinks: 7.8 ms per index at 18 records, 0.3 ms at 1,000, 8 us at 10^6 (this 2-core machine,
+    under load), more than the window copy itself on small datasets. One O(n) permutation per epoch costs
+    microseconds per element at any size and is as deterministic (every process and worker derives it alike).
+    """
+
+    SHUFFLE_STREAM = 0x5EED
+
+    def __init__(self, num_records: int, seed: int):
+        super().__init__([])
+        if num_records < 1:
+            raise ValueError(f"EpochShuffle needs at least one record, got {num_records}")
+        self._n, self._seed = int(num_records), int(seed)
+        self._epochs: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"n": self._n, "seed": self._seed}
+
+    def __setstate__(self, state):
+        self.__init__(state["n"], state["seed"])
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._epochs.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self._seed, self.SHUFFLE_STREAM, epoch]).permutation(self._n)
+                if len(self._epochs) >= 4:  # prefetching reads at most the next epoch ahead
+                    self._epochs.pop(min(self._epochs))
+                self._epochs[epoch] = perm
+        return perm
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(int(index), self._n)
+        return int(self.permutation(epoch)[position])
+
+    def __str__(self) -> str:
+        return f"EpochShuffle(num_records={self._n})"
+
+
+def crop_window(record: cache.PreparedRecord, crop_size: int) -> transforms.CropPad:
+    """The training crop of ``record``: ``transforms.crop_or_pad_box(label, (S,)*3)`` from the stored box."""
+    return transforms.box_crop_window(record.bbox, record.shape, crop_size)
+
+
+def clips(record: cache.PreparedRecord, ct_clip: str) -> bool:
+    """Whether ``record`` is CT-clipped under the ``ct_clip`` mode ("modality", "always", "never")."""
+    return ct_clip == "always" or (ct_clip == "modality" and record.modality.upper() == "CT")
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSampler(grain.transforms.RandomMap):
+    """Turns a record index into one sample's decisions (see the module docstring).
+
+    Attributes:
+        store: the opened prepared store (``data/store.py``).
+        records: the eligible records (index order of the draws).
+        record_ids: position of each eligible record in the prepared index (reported as ``record``).
+        crop_size: S, the cubic crop edge.
+        normalization, ct_clip, on_bad_record: options as in ``pipeline.build_train_iterator``.
+        min_crop_foreground: a crop must hold more target voxels than this.
+        flip_axes: spatial axes flipped with probability 0.5 each.
+        max_draws: give up (RuntimeError) after this many unusable draws for one element.
+    """
+
+    store: Any
+    records: tuple[cache.PreparedRecord, ...]
+    record_ids: tuple[int, ...]
+    crop_size: int
+    normalization: str = "per_volume"
+    ct_clip: str = "modality"
+    on_bad_record: str = "skip"
+    min_crop_foreground: int = transforms.MIN_CROP_FOREGROUND
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    max_draws: int = 100
+
+    def __post_init__(self):
+        object.__setattr__(self, "_memo", {})
+        object.__setattr__(self, "_memo_lock", threading.Lock())
+
+    def __getstate__(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self.__post_init__()
+
+    def _check(self, record: cache.PreparedRecord) -> tuple[str, str]:
+        window = crop_window(record, self.crop_size)
+        shape = (self.crop_size,) * 3
+        image, label = np.empty(shape, np.float32), np.empty(shape, np.uint8)
+        try:
+            self.store.read_window(record, window, image, label)
+        except (ValueError, OSError) as err:
+            return BAD, str(err)
+        if not np.isfinite(image).all():
+            return BAD, "non-finite voxels in the image crop"
+        if not transforms.has_enough_foreground(label, self.min_crop_foreground):
+            return SMALL, ""
+        if self.normalization == "per_volume":
+            # The host rule was "unbiased std over x > 0 (after the CT clip) is > 0", which for finite float32
+            # values means at least two voxels > 0 that are not all equal; the clip only lowers values above its
+            # upper bound (negative ones never count).
+            positive = image > 0
+            count = int(np.count_nonzero(positive))
+            lo = float(np.min(image, where=positive, initial=np.inf))
+            hi = float(np.max(image, where=positive, initial=-np.inf))
+            if clips(record, self.ct_clip):
+                lo, hi = min(lo, transforms.CT_CLIP_HU[1]), min(hi, transforms.CT_CLIP_HU[1])
+            if count < 2 or not hi > lo:
+                return BAD, f"cannot z-normalise the crop ({count} voxels > 0, all equal)"
+        return OK, ""
+
+    def status(self, index: int) -> str:
+        """OK, SMALL (too little target in the crop) or BAD for eligible record ``index`` (memoised)."""
+        found = self._memo.get(index)
+        if found is None:
+            record = self.records[index]
+            found, reason = self._check(record)
+            if found == BAD:
+                if self.on_bad_record == "raise":
+                    raise RuntimeError(f"bad prepared record {record.id} in {self.store.root}: {reason}")
+                log.warning("skipping bad prepared record %s (%s): %s", record.id, self.store.root, reason)
+            with self._memo_lock:
+                self._memo[index] = found
+        return found
+
+    def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        index = int(element)
+        redraws = bad = 0
+        for _ in range(self.max_draws):
+            status = self.status(index)
+            if status == OK:
+                break
+            if status == BAD:
+                bad += 1
+            else:
+                redraws += 1
+            index = int(rng.integers(len(self.records)))
+        else:
+            raise RuntimeError(
+                f"no usable sample after {self.max_draws} draws from {self.store.root} "
+                f"({redraws} crops with <= {self.min_crop_foreground} target voxels, {bad} bad records)"
+            )
+        flip = np.zeros(3, bool)
+        for axis, u in zip(self.flip_axes, rng.random(len(self.flip_axes))):
+            flip[axis] = u < 0.5
+        return {
+            "slot": np.array(index, np.int64),
+            "record": np.array(self.record_ids[index], np.int32),
+            "redraws": np.array(redraws, np.int32),
+            "bad_skipped": np.array(bad, np.int32),
+            "flip": flip,
+            "ct_clip": np.array(clips(self.records[index], self.ct_clip)),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowReader(grain.transforms.Map):
+    """Batch of decisions -> the same batch with ``image`` float32 [n,S,S,S,1] and ``label`` uint8 [n,S,S,S].
+
+    Each window is copied once from the store into the batch buffer (zero where it leaves the volume); the raw
+    window, unclipped, unnormalised and unflipped. A ``slot`` of -1 marks a padding row (zeros). Buffers come
+    from a ``store.BufferPool``, reused once the consumer has dropped an earlier batch.
+    """
+
+    store: Any
+    records: tuple[cache.PreparedRecord, ...]
+    crop_size: int
+    buffers: store_lib.BufferPool = dataclasses.field(default_factory=store_lib.BufferPool, compare=False)
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        slots = batch.pop("slot")
+        n, s = len(slots), self.crop_size
+        image = self.buffers.take((n, s, s, s, 1), np.float32)
+        label = self.buffers.take((n, s, s, s), np.uint8)
+        for i, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                image[i] = 0
+                label[i] = 0
+                continue
+            record = self.records[slot]
+            self.store.read_window(record, crop_window(record, s), image[i, ..., 0], label[i])
+        return {**batch, "image": image, "label": label}
