@@ -22,7 +22,7 @@ from sammed3d_jax.checkpoint.params_io import load_params
 from sammed3d_jax.data.clicks import sample_click
 from sammed3d_jax.model import ModelConfig, Sam3D, upsample_logits
 from sammed3d_jax.shapes import ABSENT
-from sammed3d_jax.training import losses, optim, state as state_lib, step as step_lib
+from sammed3d_jax.training import losses, optim, setup as setup_lib, step as step_lib
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -131,16 +131,13 @@ def make_train_step(cfg: ModelConfig, variables: dict[str, Any], image: np.ndarr
       donated; the state, batch and key are already on the device.
     """
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    optimizer = optim.make_optimizer(optim.OptimConfig(accum_steps=accum_steps))
-    step_cfg = step_lib.StepConfig(max_clicks=clicks, min_clicks=clicks)
-
-    def fresh(v):
-        return state_lib.create_train_state(v, optimizer.tx)
-
-    shardings = state_lib.state_shardings(jax.eval_shape(fresh, variables), ((".*", "replicate"),), mesh)
-    state = jax.jit(fresh, out_shardings=shardings)(variables)
-    step = step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings)
-    batch = parallel.shard_host_batch({"image": image, "label": label}, mesh)
+    # The training loop's own set-up (state shardings, donated step); ``element`` keys each row's click draws.
+    setup = setup_lib.build(cfg, optim.OptimConfig(accum_steps=accum_steps),
+                            step_lib.StepConfig(max_clicks=clicks, min_clicks=clicks), mesh)
+    state = setup.from_variables(variables)
+    step = setup.train_step
+    batch = setup_lib.place_batch({"image": image, "label": label,
+                                   "element": np.arange(image.shape[0], dtype=np.int32)}, mesh)
     key = parallel.put_replicated(jax.random.key(seed), mesh)
     return step, state, batch, key
 

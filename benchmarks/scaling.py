@@ -69,8 +69,7 @@ def run_one(job: dict) -> dict:
 
     from sammed3d_jax import parallel, scaling
     from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
-    from sammed3d_jax.model.sam import init_variables
-    from sammed3d_jax.training import optim, state as state_lib, step as step_lib
+    from sammed3d_jax.training import optim, setup as setup_lib, step as step_lib
 
     name, size = _parse_variant(job["variant"])
     overrides = {"image_size": size} if size else {}
@@ -86,30 +85,27 @@ def run_one(job: dict) -> dict:
            "device": f"{device.device_kind} ({jax.default_backend()})"}
 
     mesh = parallel.make_mesh(devices=[device])
-    optimizer = optim.make_optimizer(optim.OptimConfig(accum_steps=1))
+    optim_cfg = optim.OptimConfig(accum_steps=1)
     step_cfg = step_lib.StepConfig(max_clicks=job["clicks"], min_clicks=job["clicks"])
-
-    def fresh(key):
-        return state_lib.create_train_state(init_variables(cfg, key), optimizer.tx)
-
-    shardings = state_lib.state_shardings(jax.eval_shape(fresh, jax.random.key(0)), ((".*", "replicate"),), mesh)
-    init = jax.jit(fresh, out_shardings=shardings)
-    abstract_state = jax.eval_shape(init, jax.random.key(0))
     data = parallel.batch_sharding(mesh)
     abstract_batch = {"image": jax.ShapeDtypeStruct((b, s, s, s, 1), jnp.float32, sharding=data),
-                      "label": jax.ShapeDtypeStruct((b, s, s, s), jnp.uint8, sharding=data)}
+                      "label": jax.ShapeDtypeStruct((b, s, s, s), jnp.uint8, sharding=data),
+                      "element": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)}
     key = parallel.put_replicated(jax.random.key(1), mesh)
+
+    def compile_step(model_cfg):  # The training loop's own set-up: shardings, jitted init, donated step.
+        setup = setup_lib.build(model_cfg, optim_cfg, step_cfg, mesh)
+        return setup, setup.train_step.lower(setup.restore_target(), abstract_batch, key).compile()
+
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        compiled = step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings).lower(
-            abstract_state, abstract_batch, key).compile()
+        setup, compiled = compile_step(cfg)
     except Exception:  # noqa: BLE001 - cuDNN may reject a shape; the portable path is then measured instead
         if cfg.attention_impl != "cudnn":
             raise
         cfg = cfg.replace(attention_impl="xla")
         t0, c0 = time.perf_counter(), time.process_time()
-        compiled = step_lib.jit_train_step(cfg, optimizer, step_cfg, mesh, shardings).lower(
-            abstract_state, abstract_batch, key).compile()
+        setup, compiled = compile_step(cfg)
     row["compile_s"], row["compile_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     row["attention"] = cfg.attention_impl
     cost = compiled.cost_analysis()
@@ -125,12 +121,8 @@ def run_one(job: dict) -> dict:
             return row | {"status": "skipped", "reason": f"needs {need / 2 ** 30:.1f} GiB (XLA memory analysis), "
                                                           f"{avail / 2 ** 30:.1f} GiB available ({where})"}
     try:
-        state = init(jax.random.key(0))
-        rng = np.random.default_rng(0)
-        label = np.zeros((b, s, s, s), np.uint8)
-        label[:, s // 4:s // 2 + s // 8, s // 3:3 * s // 4, s // 5:s // 2] = 1
-        image = (rng.normal(size=label.shape) + 2.0 * label).astype(np.float32)[..., None]
-        batch = parallel.shard_host_batch({"image": image, "label": label}, mesh)
+        state = setup.init(jax.random.key(0))
+        batch = setup_lib.place_batch(setup_lib.synthetic_batch(b, s), mesh)
         for _ in range(job["warmup"]):
             state, metrics = compiled(state, batch, key)
         jax.block_until_ready(metrics)
