@@ -134,7 +134,8 @@ def test_bf16_train_step_with_cudnn_close_to_float32():
     for i in range(8):
         lo = rng.integers(2, 16, 3)
         label[i, lo[0]:lo[0] + 10, lo[1]:lo[1] + 12, lo[2]:lo[2] + 8] = 1
-    batch = {"image": (rng.normal(0, 0.5, label.shape) + 1.5 * label).astype(np.float32)[..., None], "label": label}
+    batch = {"image": (rng.normal(0, 0.5, label.shape) + 1.5 * label).astype(np.float32)[..., None], "label": label,
+             "element": np.arange(8, dtype=np.int32)}
     opt = optim.OptimConfig(lr=3e-3, eps=1e-3, schedule="constant", lr_multipliers=())
 
     def steps(cfg, opt_cfg):
