@@ -125,7 +125,8 @@ def test_vit_h_initialises_and_trains_under_fsdp_on_8_devices():
     s = cfg.image_size
     data = parallel.batch_sharding(mesh)
     batch = {"image": jax.ShapeDtypeStruct((8, s, s, s, 1), jnp.float32, sharding=data),
-             "label": jax.ShapeDtypeStruct((8, s, s, s), jnp.uint8, sharding=data)}
+             "label": jax.ShapeDtypeStruct((8, s, s, s), jnp.uint8, sharding=data),
+             "element": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=data)}
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
     step = step_lib.jit_train_step(cfg, optimizer, step_lib.StepConfig(max_clicks=2, min_clicks=2), mesh, shardings)
     new_state, metrics = jax.eval_shape(step, state, batch, key)
