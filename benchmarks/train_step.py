@@ -3,13 +3,16 @@
     python benchmarks/train_step.py                    # CPU: vit_b_ori, 128³, batch 1, 1 and 11 clicks, float32
     python benchmarks/train_step.py --mode gpu         # accelerator: batch 12, 1 and 11 clicks, bfloat16
     python benchmarks/train_step.py --mode gpu --json out.json --steps 20
+    python benchmarks/train_step.py --scan on          # only the scanned encoder (default: both, to compare)
 
-Each (clicks) configuration runs in its own subprocess so that its peak memory is its own: on an accelerator the
+Each (clicks, scan) configuration runs in its own subprocess so that its peak memory is its own: on an accelerator the
 peak is ``jax.Device.memory_stats()["peak_bytes_in_use"]``, on CPU the process's ``ru_maxrss``. The step is the
 one training uses (``training.step.jit_train_step`` on a one-device mesh, state donated) with upstream's recipe:
 AdamW with 20-step accumulation, ``min_clicks = max_clicks = clicks`` (every step runs all clicks), remat of the
 click scan and (GPU mode) of the encoder blocks. The batch is random data with a box target, already on device, so
-the data pipeline is not measured. Prints a table; not a test. Targets (one H200): >= 500 samples/s at 1
+the data pipeline is not measured. ``--scan both`` (the default) runs every configuration with the encoder blocks
+unrolled and as a scan over block groups (``ModelConfig.scan_encoder_blocks``) and prints both compile times.
+Prints a table; not a test. Targets (one H200): >= 500 samples/s at 1
 click, >= 300 at 11 clicks, peak <= 8 GiB; upstream PyTorch: 33.6-33.9 samples/s / 63.5 GiB at 1 click.
 """
 
@@ -34,11 +37,12 @@ def run_one(args) -> dict:
     import numpy as np
 
     from sammed3d_jax import parallel
-    from sammed3d_jax.model.config import ModelConfig
+    from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
     from sammed3d_jax.training import optim, setup as setup_lib, step as step_lib
 
-    cfg = ModelConfig.variant(args.variant, dtype=args.dtype, remat_encoder_blocks=args.remat_encoder,
-                              attention_impl=args.attention)
+    cfg = ModelConfig.variant(args.variant, dtype=args.dtype, remat_policy="full" if args.remat_encoder else "none",
+                              attention_impl=args.attention, scan_encoder_blocks=args.scan == "on")
+    cfg = resolve_attention_impl(cfg, jax.default_backend())
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     # The loop's own set-up: state shardings, jitted init and the donated train step.
     setup = setup_lib.build(cfg, optim.OptimConfig(accum_steps=20),
@@ -49,10 +53,19 @@ def run_one(args) -> dict:
     batch = setup_lib.place_batch(setup_lib.synthetic_batch(b, s), mesh)
     key = parallel.put_replicated(jax.random.key(1), mesh)
 
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn = fn.lower(state, batch, key).compile()  # Trace + XLA compilation, timed on their own.
+    # CPU seconds of this process too: on a shared machine they depend far less on the load than wall time.
+    compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    if args.compile_only:
+        return {"variant": args.variant, "image_size": s, "batch": b, "clicks": args.clicks, "dtype": args.dtype,
+                "scan_blocks": cfg.scan_encoder_blocks, "compile_s": round(compile_s, 2),
+                "compile_cpu_s": round(compile_cpu_s, 2), "device": jax.default_backend(),
+                "jax": jax.__version__}
     t0 = time.perf_counter()
     state, metrics = fn(state, batch, key)
     jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
+    first_step_s = time.perf_counter() - t0
     for _ in range(args.warmup - 1):
         state, metrics = fn(state, batch, key)
     jax.block_until_ready(metrics)
@@ -73,7 +86,9 @@ def run_one(args) -> dict:
     return {
         "device": f"{device.device_kind} ({jax.default_backend()})", "jax": jax.__version__, "variant": args.variant,
         "image_size": s, "batch": b, "clicks": args.clicks, "dtype": args.dtype,
-        "remat_encoder": args.remat_encoder, "compile_plus_first_step_s": round(compile_s, 2),
+        "remat_encoder": args.remat_encoder, "scan_blocks": cfg.scan_encoder_blocks,
+        "compile_s": round(compile_s, 2), "compile_cpu_s": round(compile_cpu_s, 2),
+        "first_step_s": round(first_step_s, 2),
         "step_s_median": step_s, "samples_per_s": b / step_s, "peak_gib": peak / 2 ** 30, "peak_kind": peak_kind,
         "loss": float(metrics["loss"]), "steps_timed": args.steps, "flops_per_step": flops,
     }
@@ -89,6 +104,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per configuration")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     parser.add_argument("--no-remat-encoder", action="store_true", help="keep encoder activations (more memory)")
+    parser.add_argument("--scan", choices=["both", "on", "off"], default="both",
+                        help="encoder blocks as a scan over block groups, unrolled, or both (compile-time comparison)")
+    parser.add_argument("--compile-only", action="store_true", help="only trace and compile the step (compile times)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)  # Internal: run one config here.
     args = parser.parse_args()
@@ -104,30 +122,47 @@ def main() -> None:
         return
 
     results = []
+    scans = ["off", "on"] if args.scan == "both" else [args.scan]
     for clicks in args.clicks or mode["clicks"]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_one", "--mode", args.mode, "--variant", args.variant,
-               "--batch", str(args.batch), "--clicks", str(clicks), "--dtype", args.dtype, "--steps", str(args.steps),
-               "--attention", args.attention] + (["--no-remat-encoder"] if args.no_remat_encoder else [])
-        print(f"running {args.variant} batch {args.batch} clicks {clicks} {args.dtype} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            tail = (proc.stdout + proc.stderr)[-3000:]
-            print(f"  FAILED (exit {proc.returncode}):\n{tail}", flush=True)
-            results.append({"clicks": clicks, "batch": args.batch, "error": tail[-500:]})
-            continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        for scan in scans:
+            cmd = [sys.executable, os.path.abspath(__file__), "--_one", "--mode", args.mode, "--variant",
+                   args.variant, "--batch", str(args.batch), "--clicks", str(clicks), "--dtype", args.dtype,
+                   "--steps", str(args.steps), "--attention", args.attention, "--scan", scan
+                   ] + (["--no-remat-encoder"] if args.no_remat_encoder else []) + (
+                       ["--compile-only"] if args.compile_only else [])
+            print(f"running {args.variant} batch {args.batch} clicks {clicks} {args.dtype} scan {scan} ...",
+                  flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                print(f"  FAILED (exit {proc.returncode}):\n{tail}", flush=True)
+                results.append({"clicks": clicks, "batch": args.batch, "scan_blocks": scan == "on",
+                                "error": tail[-500:]})
+                continue
+            results.append(json.loads(lines[-1][len("RESULT "):]))
     ok = [r for r in results if "error" not in r]
+    if args.compile_only:
+        for r in results:
+            print(f"clicks {r['clicks']:>3}  scan {'on ' if r['scan_blocks'] else 'off'}  "
+                  + (f"compile {r['compile_s']:.1f} s wall, {r['compile_cpu_s']:.1f} s CPU" if "error" not in r
+                     else "FAILED"))
+        if len(ok) == 2 and ok[0]["clicks"] == ok[1]["clicks"]:
+            print(f"scan speeds compilation up {ok[0]['compile_s'] / ok[1]['compile_s']:.2f}x (wall), "
+                  f"{ok[0]['compile_cpu_s'] / ok[1]['compile_cpu_s']:.2f}x (CPU); load average "
+                  f"{os.getloadavg()[0]:.1f}")
+        sys.exit(0 if len(ok) == len(results) else 1)
     if ok:
         print(f"\ndevice: {ok[0]['device']}, jax {ok[0]['jax']}, host {platform.node()}; {args.variant} "
               f"{ok[0]['image_size']}³, {args.dtype}, remat encoder {args.remat_encoder}; peak = {ok[0]['peak_kind']}")
-    print(f"{'clicks':>6} {'batch':>5} {'step s':>9} {'samples/s':>10} {'peak GiB':>9} {'compile s':>10}")
+    print(f"{'clicks':>6} {'batch':>5} {'scan':>5} {'step s':>9} {'samples/s':>10} {'peak GiB':>9} {'compile s':>10}")
     for r in results:
+        scan = "on" if r["scan_blocks"] else "off"
         if "error" in r:
-            print(f"{r['clicks']:>6} {r['batch']:>5}  FAILED")
+            print(f"{r['clicks']:>6} {r['batch']:>5} {scan:>5}  FAILED")
         else:
-            print(f"{r['clicks']:>6} {r['batch']:>5} {r['step_s_median']:>9.4f} {r['samples_per_s']:>10.2f} "
-                  f"{r['peak_gib']:>9.2f} {r['compile_plus_first_step_s']:>10.1f}")
+            print(f"{r['clicks']:>6} {r['batch']:>5} {scan:>5} {r['step_s_median']:>9.4f} {r['samples_per_s']:>10.2f} "
+                  f"{r['peak_gib']:>9.2f} {r['compile_s']:>10.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,9 +1,11 @@
-"""``python -m sammed3d_jax.convert IN OUT_DIR [--config vit_b_ori|path/to/config.json] [--overwrite]``
+"""``python -m sammed3d_jax.convert IN OUT_DIR [--config vit_b_ori|path/to/config.json] [--image-size N] [--overwrite]``
 
 Converts an upstream SAM-Med3D checkpoint (a ``torch.save`` ``.pth``/``.pt`` file, e.g. ``sam_med3d_turbo.pth``, or an
 ``.npz``/``.safetensors`` state dict) into a params directory: an Orbax checkpoint plus ``sammed3d_jax.json``
 (model config, source file name and SHA-256, key and parameter counts). Needs no PyTorch and runs no code from the
-file. Owns only the command line; the work is in ``sammed3d_jax.checkpoint``. Must not import training/evaluation.
+file. The number of point embeddings (2 released, 4 box-capable) is read from the file unless the config JSON states
+``num_point_embeddings``; ``--image-size`` resamples the position tables for another input size. Owns only the
+command line; the work is in ``sammed3d_jax.checkpoint``. Must not import training/evaluation.
 """
 
 import argparse
@@ -73,21 +75,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="params directory to create")
     parser.add_argument("--config", default="vit_b_ori",
                         help="model variant name or config JSON (default vit_b_ori, the released architecture)")
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="input side the converted model runs at (default: the trained one, 128 for vit_b_ori); "
+                             "the absolute position table and the global blocks' rel-pos tables are resampled")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR")
     args = parser.parse_args(argv)
     cli.quiet_library_logs()
     check_out_dir(args.out_dir, args.checkpoint, args.overwrite)
     cfg = resolve_model_config(args.config)
+    if args.image_size is not None and (args.image_size <= 0 or args.image_size % cfg.vit_patch_size):
+        raise cli.UsageError(f"--image-size {args.image_size}: not a positive multiple of the patch size "
+                             f"{cfg.vit_patch_size}")
     try:
-        variables, meta = convert_file(args.checkpoint, cfg)
+        # The name or file as given (not the resolved config): the point-embedding count then comes from the
+        # checkpoint unless the config file states it.
+        variables, cfg, meta = convert_file(args.checkpoint, args.config, args.image_size)
     except ConversionError as e:
         raise cli.UsageError(conversion_message(args.checkpoint, e)) from e
     written = save_params(args.out_dir, variables, cfg, {**meta, "created_by": "sammed3d_jax.convert"},
                           overwrite=args.overwrite)
     print(f"read {written['source_key_count']} tensors from {written['source']} "
           f"({written['source_format']}, sha256 {written['source_sha256'][:16]}...)")
+    resized = (f", position tables resampled {written['resized_from_image_size']}³ -> {cfg.image_size}³"
+               if "resized_from_image_size" in written else "")
     print(f"wrote {args.out_dir}: {written['parameter_count']:,} parameters + "
-          f"{written['buffer_element_count']:,} buffer elements in {written['leaf_count']} arrays")
+          f"{written['buffer_element_count']:,} buffer elements in {written['leaf_count']} arrays "
+          f"({cfg.num_point_embeddings} point embeddings{resized})")
     return 0
 
 

@@ -1,18 +1,24 @@
 """Stage-by-stage numerical parity against a reference fixture made with the original PyTorch code.
 
-    python -m sammed3d_jax.parity FIXTURE_DIR [--weights FILE] [--allow-unknown]
+    python -m sammed3d_jax.parity FIXTURE_DIR [--weights FILE] [--allow-unknown] [--scan-blocks]
+                                  [--remat-policy NAME]
 
 A fixture folder holds ``config.json`` (upstream builder vocabulary), weights (``checkpoint.pth`` preferred, else
 ``weights.npz`` or ``weights.safetensors``) and ``golden.npz`` with the inputs (``image``, ``point_coords``,
-``point_labels``, ``mask_input``) and any of the reference arrays listed in ``STAGES``. The model is built from the
-config, weights go through the checkpoint converter, every stage present in the golden file is computed in float32
-and compared; a table of array, shape, max abs error and tolerance is printed and the exit status is non-zero when
-any array is out of tolerance (or, without ``--allow-unknown``, when the golden file holds an array we do not know).
-Geometry (image size, grid, depth, heads, global blocks, IoU head, number of points, batch) comes from the files.
+``point_labels``, ``mask_input``, and ``boxes`` for a box fixture) and reference arrays: encoder stages, prompt
+embeddings and decoder outputs, and for box fixtures the ``*_pb`` (points + box), ``*_b`` (box only), ``*_b_nomask``
+and ``*_p`` (points only) decoder calls. The model is built from the config, weights go through the checkpoint
+converter, every stage present in the golden file is computed in float32 and compared; a table of array, shape, max
+abs error and tolerance is printed and the exit status is non-zero when any array is out of tolerance (or, without
+``--allow-unknown``, when the golden file holds an array we do not know). Geometry (image size, grid, depth, heads,
+global blocks, IoU head, point embeddings, number of points, batch) comes from the files. ``--scan-blocks`` and
+``--remat-policy`` run the encoder the way training may (a scan over block groups, rematerialisation): the numbers
+must not change.
 """
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -24,10 +30,10 @@ import numpy as np
 
 from sammed3d_jax.checkpoint.params_io import load_variables
 from sammed3d_jax.model.attention import EncoderAttention
-from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.config import REMAT_POLICIES, ModelConfig
 from sammed3d_jax.model.sam import Sam3D, upsample_logits
 
-INPUTS = ("image", "point_coords", "point_labels", "mask_input", "enc_first_global_block_index")
+INPUTS = ("image", "point_coords", "point_labels", "mask_input", "boxes", "enc_first_global_block_index")
 # Tolerances of the fixture README: 5–10x headroom over the float32-vs-float64 gap of the reference itself.
 ENC_TOL = (1e-5, 5e-5)  # rtol, atol for encoder intermediates
 TOL = (1e-5, 2e-5)
@@ -84,6 +90,8 @@ def run_model(cfg: ModelConfig, variables, golden: dict[str, np.ndarray],
     if first_global is not None:
         res["enc_first_global_block_out"] = res[f"enc_block{first_global}_out"]
     res["dense_pe"] = _cf(jax.jit(lambda v: model.apply(v, method=Sam3D.dense_pe))(variables))
+    if "boxes" in golden:
+        res.update(_box_calls(model, variables, emb, golden, points, labels, mask))
     for prompt, suffix in ((mask, ""), (None, "_nomask")):
         out = decode(variables, emb, prompt)
         for multi, tag in ((False, "single"), (True, "multi")):
@@ -99,6 +107,34 @@ def run_model(cfg: ModelConfig, variables, golden: dict[str, np.ndarray],
             res["dec_transformer_keys"] = np.asarray(md["dec_transformer_keys"][0])
             res["dec_upscaled_embedding"] = _cf(md["dec_upscaled_embedding"][0])
             res["masks_upsampled_single"] = _cf(upsample_logits(out[False][0], cfg.image_size))
+    return res
+
+
+def _present_tokens(sparse, valid) -> np.ndarray:
+    """The valid sparse tokens of each row, in order: [b, t_valid, C] (rows of a fixture have equal counts)."""
+    sparse, valid = np.asarray(sparse), np.asarray(valid)
+    return sparse[valid].reshape(sparse.shape[0], -1, sparse.shape[-1])
+
+
+def _box_calls(model, variables, emb, golden, points, labels, mask) -> dict[str, np.ndarray]:
+    """The box fixture's decoder calls: points + box, box only (with and without the mask prompt), points only."""
+    boxes = jnp.asarray(golden["boxes"], jnp.float32)
+
+    @functools.partial(jax.jit, static_argnames=("use_points", "use_box", "use_mask"))
+    def call(v, use_points, use_box, use_mask):
+        (low, iou), inter = model.apply(
+            v, emb, points if use_points else None, labels if use_points else None, mask if use_mask else None,
+            boxes=boxes if use_box else None, method=Sam3D.decode, mutable=["intermediates"])
+        inter = inter["intermediates"]
+        return low, iou, inter["sparse_embeddings"][0], inter["sparse_valid"][0]
+
+    res = {}
+    for suffix, flags in (("pb", (True, True, True)), ("b", (False, True, True)), ("b_nomask", (False, True, False)),
+                          ("p", (True, False, True))):
+        low, iou, sparse, valid = call(variables, *flags)
+        res[f"sparse_embeddings_{suffix}"] = _present_tokens(sparse, valid)
+        res[f"low_res_masks_{suffix}"] = _cf(low)
+        res[f"iou_{suffix}"] = np.asarray(iou)
     return res
 
 
@@ -130,8 +166,11 @@ def _find_weights(fixture_dir: str) -> str:
     raise FileNotFoundError(f"{fixture_dir}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def check_fixture(fixture_dir: str, weights: str | None = None) -> tuple[list[Row], list[str]]:
-    """Loads a fixture folder, runs the model through the converter-loaded weights, compares every stage."""
+def check_fixture(fixture_dir: str, weights: str | None = None, **execution) -> tuple[list[Row], list[str]]:
+    """Loads a fixture folder, runs the model through the converter-loaded weights, compares every stage.
+
+    ``execution`` overrides execution fields of the model config (``scan_encoder_blocks``, ``remat_policy``, ...).
+    """
     cfg = ModelConfig.from_json(os.path.join(fixture_dir, "config.json"))
     golden_path = os.path.join(fixture_dir, "golden.npz")
     if not os.path.exists(golden_path):
@@ -142,6 +181,7 @@ def check_fixture(fixture_dir: str, weights: str | None = None) -> tuple[list[Ro
     if missing:
         raise ValueError(f"{golden_path}: missing input arrays {missing}")
     variables, cfg, _ = load_variables(weights or _find_weights(fixture_dir), cfg)
+    cfg = cfg.replace(attention_impl="xla", **execution)
     variables = jax.device_put(variables)
     with jax.default_matmul_precision("float32"):
         computed = run_model(cfg, variables, golden)
@@ -163,10 +203,14 @@ def main(argv: list[str] | None = None, print_fn: Callable[[str], None] = print)
     parser.add_argument("fixture_dir", help="folder with config.json, golden.npz and checkpoint.pth/weights.npz")
     parser.add_argument("--weights", help="weights file to use instead of the fixture's own")
     parser.add_argument("--allow-unknown", action="store_true", help="do not fail on golden arrays we do not know")
+    parser.add_argument("--scan-blocks", action="store_true", help="run the encoder as a scan over block groups")
+    parser.add_argument("--remat-policy", default="none", choices=REMAT_POLICIES,
+                        help="encoder rematerialisation policy (forward values must not change)")
     args = parser.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "float32")
     try:
-        rows, unknown = check_fixture(args.fixture_dir, args.weights)
+        rows, unknown = check_fixture(args.fixture_dir, args.weights, scan_encoder_blocks=args.scan_blocks,
+                                      remat_policy=args.remat_policy)
     except (OSError, ValueError) as e:
         print_fn(f"error: {e}")
         return 2

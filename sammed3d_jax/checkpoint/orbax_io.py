@@ -229,9 +229,8 @@ def load_model_config(workdir: str | os.PathLike) -> ModelConfig:
 
 def check_compatible(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
     """Raises naming ``where`` when two configs differ in architecture (numerics fields may differ)."""
-    numerics = {"dtype", "param_dtype", "attention_impl", "remat_encoder_blocks"}
-    a, b = saved.to_dict(), wanted.to_dict()
-    diff = {k: (a[k], b[k]) for k in a if k not in numerics and a[k] != b.get(k)}
+    a, b = saved.architecture(), wanted.architecture()
+    diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
     if diff:
         raise ValueError(f"{where}: model architecture differs from the config (saved vs wanted): {diff}")
 
@@ -251,6 +250,7 @@ def load_init_variables(directory: str | os.PathLike, cfg: ModelConfig) -> dict[
     if not run_path(directory).is_dir():
         raise FileNotFoundError(f"init checkpoint directory {directory} does not exist "
                                 "(--config.init_from; write one with python -m sammed3d_jax.convert)")
-    variables, saved_cfg, _ = load_params(directory)
+    # Another input size is allowed: the position tables are resampled to cfg.image_size.
+    variables, saved_cfg, _ = load_params(directory, image_size=cfg.image_size)
     check_compatible(saved_cfg, cfg, os.fspath(directory))
     return variables

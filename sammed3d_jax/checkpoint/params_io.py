@@ -9,22 +9,24 @@ Layout of a params directory::
 The JSON is written last, so its presence marks a complete directory. Training and evaluation load weights only
 through :func:`load_params` / :func:`load_variables`; they never read ``.pth`` files themselves.
 
-Owns: ``save_params``, ``load_params``, ``load_variables``, ``resolve_config``, ``file_sha256``. Imports numpy,
-orbax and the checkpoint/model-config modules; must not import torch, flax or the model modules.
+Owns: ``save_params``, ``load_params``, ``load_variables``, ``convert_file``, ``resolve_config``,
+``config_for_state_dict``, ``file_sha256``. Imports numpy, orbax and the checkpoint/model-config modules; must not
+import torch, flax or the model modules.
 """
 
 import hashlib
 import json
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from sammed3d_jax.checkpoint.pth_reader import CheckpointError, detect_format, read_state_dict
+from sammed3d_jax.checkpoint.resize import resize_variables
 from sammed3d_jax.checkpoint.torch_convert import (abstract_variables, check_variables, conversion_table,
-                                                   count_parameters, torch_to_flax)
+                                                   count_parameters, point_embeddings_in, torch_to_flax)
 from sammed3d_jax.model.config import VARIANTS, ModelConfig
 
 FORMAT = "sammed3d_jax.params/v1"
@@ -44,15 +46,45 @@ def resolve_config(spec: ModelConfig | str | os.PathLike | None) -> ModelConfig:
         return spec
     if str(spec) in VARIANTS:
         return ModelConfig.variant(str(spec))
-    if os.path.isfile(spec):
+    if epath.Path(spec).is_file():
         return ModelConfig.from_json(spec)
     raise ValueError(f"--config {spec!s}: neither a model variant ({', '.join(sorted(VARIANTS))}) nor a config file")
+
+
+def states_point_embeddings(spec: ModelConfig | str | os.PathLike | None) -> bool:
+    """Whether ``spec`` fixes ``num_point_embeddings`` itself: a config JSON that has the key does. A variant name,
+    None or a ModelConfig (whose field always has a value, chosen or not) do not: conversion then takes the number
+    from the state dict (2 or 4 ``point_embeddings``), which tells the two layouts apart without ambiguity."""
+    if spec is None or isinstance(spec, ModelConfig) or str(spec) in VARIANTS:
+        return False
+    try:
+        return "num_point_embeddings" in json.loads(epath.Path(spec).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def config_for_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], fixed: bool) -> ModelConfig:
+    """``cfg`` with the state dict's number of point embeddings (2 released, 4 box-capable) unless ``fixed``.
+
+    A fixed config that disagrees with the state dict is left alone: the strict conversion then lists the
+    offending ``point_embeddings`` entries.
+    """
+    found = point_embeddings_in(state_dict)
+    if not fixed and found in (2, 4) and found != cfg.num_point_embeddings:
+        return cfg.replace(num_point_embeddings=found)
+    return cfg
+
+
+def _absolute(path: str | os.PathLike) -> epath.Path:
+    """A local path made absolute (what Orbax wants); a URL-like path (``gs://...``) as it is."""
+    p = epath.Path(path)
+    return p if "://" in os.fspath(path) else epath.Path(os.path.abspath(os.fspath(path)))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -60,8 +92,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def is_params_dir(directory: str | os.PathLike) -> bool:
     """True if ``directory`` looks like a converted params directory (has the JSON description)."""
-    from etils import epath
-
     return (epath.Path(directory) / METADATA_FILE).is_file()
 
 
@@ -90,14 +120,12 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     """
     import jax
     import orbax.checkpoint as ocp
-    from etils import epath
     from jax.experimental import multihost_utils
 
     check_variables(variables, cfg)
     # epath: a gs:// folder stays a URL. Several processes (a multi-host training export): every one passes the
     # same host arrays and joins Orbax's save; only the primary prepares the folder and writes the JSON.
-    text = os.fspath(directory)
-    directory = epath.Path(text) if "://" in text else epath.Path(text).absolute()
+    directory = _absolute(directory)
     primary = jax.process_index() == 0
     if primary and directory.exists() and any(directory.iterdir()):
         if not (overwrite and is_params_dir(directory)):
@@ -126,19 +154,25 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     return metadata
 
 
-def load_params(directory: str | os.PathLike) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
+def load_params(directory: str | os.PathLike, image_size: int | None = None
+                ) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
     """Loads a params directory written by :func:`save_params` (e.g. by ``python -m sammed3d_jax.convert``).
 
+    Args:
+        directory: the params directory.
+        image_size: load the weights into a model at this input size (position tables resampled, see
+            ``checkpoint.resize``); None or the stored size loads them as stored.
+
     Returns:
-        ``(variables, cfg, meta)``: variables ``{"params", "buffers"}`` of float32 numpy arrays, the stored model
-        config, and the JSON metadata.
+        ``(variables, cfg, meta)``: variables ``{"params", "buffers"}`` of float32 numpy arrays, the model config
+        (the stored one, at ``image_size`` if given), and the JSON metadata.
 
     Raises:
         CheckpointError: naming the directory if it is not a converted params directory or is damaged.
     """
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = _absolute(directory)
     hint = "create one with `python -m sammed3d_jax.convert CHECKPOINT OUT_DIR`"
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such params directory; {hint}")
@@ -162,30 +196,49 @@ def load_params(directory: str | os.PathLike) -> tuple[dict[str, Any], ModelConf
         checkpointer.close()
     variables = _to_numpy_f32(variables)
     check_variables(variables, cfg)
+    if image_size is not None and image_size != cfg.image_size:
+        variables, cfg = resize_variables(variables, cfg, image_size)
     return variables, cfg, meta
 
 
-def convert_file(path: str | os.PathLike, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Reads an upstream checkpoint file and converts it; returns ``(variables, meta)`` with provenance facts."""
+def convert_file(path: str | os.PathLike, config: ModelConfig | str | os.PathLike | None = None,
+                 image_size: int | None = None) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
+    """Reads an upstream checkpoint file and converts it, strictly.
+
+    Args:
+        path: ``.pth``/``.pt``, ``.npz`` or ``.safetensors`` state dict (or trainer checkpoint).
+        config: the architecture: variant name (default vit_b_ori), config JSON or ModelConfig. The number of point
+            embeddings comes from the state dict unless ``config`` fixes it (see ``states_point_embeddings``).
+        image_size: convert for a model at this input size (position tables resampled); None keeps the trained one.
+
+    Returns:
+        ``(variables, cfg, meta)``: float32 numpy variables, the model config they belong to, provenance facts.
+    """
     state_dict = read_state_dict(path)
+    cfg = config_for_state_dict(resolve_config(config), state_dict, states_point_embeddings(config))
     variables = torch_to_flax(state_dict, cfg)
     meta = {
-        "source": os.path.basename(os.fspath(path)),
+        "source": epath.Path(path).name,
         "source_sha256": file_sha256(path),
         "source_format": detect_format(path),
         "source_key_count": len(state_dict),
     }
-    return variables, meta
+    if image_size is not None and image_size != cfg.image_size:
+        meta["resized_from_image_size"] = cfg.image_size
+        variables, cfg = resize_variables(variables, cfg, image_size)
+    return variables, cfg, meta
 
 
-def load_variables(source: str | os.PathLike, config: ModelConfig | str | os.PathLike | None = None
-                   ) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
+def load_variables(source: str | os.PathLike, config: ModelConfig | str | os.PathLike | None = None,
+                   image_size: int | None = None) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
     """Variables from a converted params directory or directly from a ``.pth``/``.npz``/``.safetensors`` file.
 
     Args:
         source: a params directory (its stored config is used) or an upstream checkpoint file.
-        config: for a file, the architecture (variant name, config JSON path or ModelConfig; default vit_b_ori).
-            For a directory it is optional and must describe the same parameter layout as the stored config.
+        config: for a file, the architecture (variant name, config JSON path or ModelConfig; default vit_b_ori; the
+            number of point embeddings is read from the file unless the config fixes it). For a directory it is
+            optional and must describe the same parameter layout as the stored config.
+        image_size: load into a model at this input size (position tables resampled); None: as trained.
 
     Returns:
         ``(variables, cfg, meta)`` as :func:`load_params`.
@@ -193,11 +246,16 @@ def load_variables(source: str | os.PathLike, config: ModelConfig | str | os.Pat
     Raises:
         CheckpointError / ConversionError: naming the source; ValueError if ``config`` disagrees with a directory.
     """
-    if os.path.isdir(source):
+    if epath.Path(source).is_dir():
         variables, cfg, meta = load_params(source)
-        if config is not None and conversion_table(resolve_config(config)) != conversion_table(cfg):
-            raise ValueError(f"{source}: stored model config has a different parameter layout than --config {config}")
+        if config is not None:
+            wanted = resolve_config(config)
+            if not states_point_embeddings(config):
+                wanted = wanted.replace(num_point_embeddings=cfg.num_point_embeddings)
+            if conversion_table(wanted) != conversion_table(cfg):
+                raise ValueError(f"{source}: stored model config has a different parameter layout than "
+                                 f"--config {config}")
+        if image_size is not None and image_size != cfg.image_size:
+            variables, cfg = resize_variables(variables, cfg, image_size)
         return variables, cfg, meta
-    cfg = resolve_config(config)
-    variables, meta = convert_file(source, cfg)
-    return variables, cfg, meta
+    return convert_file(source, config, image_size)

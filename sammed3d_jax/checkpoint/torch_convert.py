@@ -7,8 +7,8 @@ transforms, no renames. Conversion in either direction checks every entry and ra
 that lists every missing, unexpected, wrongly shaped or wrongly typed tensor by name.
 
 Owns: ``conversion_table``, ``torch_to_flax``, ``flax_to_torch``, ``check_variables``, ``abstract_variables``,
-``count_parameters``. Imports only numpy, ml_dtypes and ``model.config``; must not import torch, jax, flax or the
-model modules (the tests check the table against the model's ``jax.eval_shape``).
+``count_parameters``, ``point_embeddings_in``. Imports only numpy, ml_dtypes and ``model.config``; must not import
+torch, jax, flax or the model modules (the tests check the table against the model's ``jax.eval_shape``).
 """
 
 import dataclasses
@@ -136,8 +136,10 @@ def _image_encoder(cfg):
 def _prompt_encoder(cfg):
     c, m = cfg.prompt_embed_dim, cfg.mask_in_chans
     out = [Entry("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", (3, cfg.pe_num_pos_feats), "copy")]
-    # Upstream 3-D prompt encoder has two point embeddings (negative, positive): no box corners.
-    out += _embedding("prompt_encoder.point_embeddings.0", 1, c) + _embedding("prompt_encoder.point_embeddings.1", 1, c)
+    # Released checkpoints: two point embeddings (negative, positive). The challenge branch's box-capable layout
+    # adds the two box corners as point_embeddings.2 and .3.
+    for i in range(cfg.num_point_embeddings):
+        out += _embedding(f"prompt_encoder.point_embeddings.{i}", 1, c)
     out += _embedding("prompt_encoder.not_a_point_embed", 1, c)
     out += _conv("prompt_encoder.mask_downscaling.0", 1, m // 4, 2) + _norm("prompt_encoder.mask_downscaling.1", m // 4)
     out += _conv("prompt_encoder.mask_downscaling.3", m // 4, m, 2) + _norm("prompt_encoder.mask_downscaling.4", m)
@@ -182,6 +184,14 @@ def conversion_table(cfg: ModelConfig) -> tuple[Entry, ...]:
         One :class:`Entry` per tensor (parameters and the PE buffer).
     """
     return tuple(_image_encoder(cfg) + _prompt_encoder(cfg) + _mask_decoder(cfg))
+
+
+def point_embeddings_in(state_dict: Mapping[str, Any]) -> int | None:
+    """How many ``prompt_encoder.point_embeddings.<i>`` tensors a state dict holds (2 released, 4 box-capable),
+    or None when it holds none (not a SAM-Med3D state dict; the strict conversion then names what is missing)."""
+    prefix, suffix = "prompt_encoder.point_embeddings.", ".weight"
+    found = {k[len(prefix):-len(suffix)] for k in state_dict if k.startswith(prefix) and k.endswith(suffix)}
+    return len(found) or None
 
 
 def _check_dtype(name, array, problems):
@@ -232,6 +242,10 @@ def torch_to_flax(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, 
                 node = node.setdefault(part, {})
             node[e.flax_path[-1]] = e.to_flax(array.astype(np.float32, copy=False))
     problems += [f"unexpected: {k} {list(np.shape(v))}" for k, v in state_dict.items() if k not in known]
+    found = point_embeddings_in(state_dict)
+    if problems and found is not None and found != cfg.num_point_embeddings:
+        problems.append(f"the state dict has {found} point embeddings, the model config {cfg.num_point_embeddings} "
+                        "(num_point_embeddings: 2 released clicks-only layout, 4 box-capable)")
     _raise(problems, "state dict", cfg)
     return variables
 

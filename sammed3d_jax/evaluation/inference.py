@@ -41,7 +41,7 @@ from jaxtyping import Array, Bool, Float, Integer, Real, Shaped
 from sammed3d_jax.data import clicks as click_lib
 from sammed3d_jax.data import transforms
 from sammed3d_jax.data.nifti import Geometry, reorient_to_ras
-from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
 from sammed3d_jax.model.sam import Sam3D, upsample_logits
 from sammed3d_jax.shapes import ABSENT, NEGATIVE, POSITIVE
 
@@ -192,7 +192,7 @@ def sam3d_functions(cfg: ModelConfig) -> tuple[EncodeFn, DecodeFn]:
     ``full`` is the float32 trilinear upsampling of ``low`` to ``S``³. Cached per config, so that every Segmenter
     of one config shares the jitted functions (and their compilations).
     """
-    model = Sam3D(cfg)
+    model = Sam3D(resolve_attention_impl(cfg, jax.default_backend()))
 
     def encode(variables, volume):
         return model.apply(variables, volume, method=Sam3D.encode)

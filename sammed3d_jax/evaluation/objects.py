@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float
 
 from sammed3d_jax.data import clicks as click_lib
 from sammed3d_jax.evaluation import inference
-from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
 from sammed3d_jax.model.sam import Sam3D, upsample_logits
 from sammed3d_jax.shapes import ABSENT, NEGATIVE, POSITIVE
 
@@ -48,7 +48,7 @@ def has_box_embeddings(cfg: ModelConfig) -> bool:
 def box_decode_function(cfg: ModelConfig) -> BoxDecodeFn:
     """``decode(variables, emb, points, labels, low, boxes [b, 6], box_present [b]) -> (low, full)``: ``Sam3D.decode``
     with box rows (rows without a box decode as if no box were given), mask token 0, ``full`` upsampled to ``S``³."""
-    model = Sam3D(cfg)
+    model = Sam3D(resolve_attention_impl(cfg, jax.default_backend()))
 
     def decode(variables, embedding, points, labels, low_logits, boxes, box_present):
         low, _ = model.apply(variables, embedding, points, labels, low_logits, multimask_output=False, boxes=boxes,

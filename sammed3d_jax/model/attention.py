@@ -15,9 +15,14 @@ cancellation, and every exponential is taken relative to the per-axis maximum: i
 with float32 accumulation. Windows are grouped by their real extent per axis (full, or the ragged last one), so any
 grid/window ratio is exact: grid smaller than the window, several windows, partial padding.
 
-Backends: ``impl="xla"`` is a plain einsum/softmax formulation; ``impl="cudnn"`` feeds the same logits to
-``jax.nn.dot_product_attention(implementation="cudnn")`` as a bias, the padded-key term as one extra key column
-(plus one fully masked column to keep the key length even, which cuDNN needs for bias gradients). The naive padded
+Backends: ``impl="xla"`` is a plain einsum/softmax formulation with float32 logits, bias and softmax whatever the
+compute dtype. ``impl="cudnn"`` (bf16/fp16 only) feeds the same terms to
+``jax.nn.dot_product_attention(implementation="cudnn")``, whose bias is in the compute dtype: the padded keys
+become two key columns holding ``b_k``/``b_v`` whose log-mass biases are split so that bfloat16 rounding does not
+move the padded mass (see :func:`split_log_mass`; casting the log-mass ≈ log 2232 itself would cost 1.6 % of it).
+The real keys' relative-position bias is still rounded to bf16 there, as upstream's autocast rounds it: on the
+released geometry that makes the attention itself ~8x less accurate than the XLA path in bf16
+(``benchmarks/bf16_error.py``), so XLA is the accurate choice for bf16 and cuDNN is opt-in. The naive padded
 formulation lives in ``model/reference.py`` and is used by tests and benchmarks only.
 """
 
@@ -30,9 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sammed3d_jax.model.layers import Dense, Dtype
-
-_NEG = -1e30  # logit of a key that must receive exactly zero weight
-
 
 def resize_rel_pos(table: jax.Array, length: int) -> jax.Array:
     """Linear interpolation of a ``(L, c)`` table to ``length`` rows (torch ``interpolate(mode="linear")``, no
@@ -109,33 +111,98 @@ def _softmax_with_extra(logits, extra_logit, v, extra_value):
     return out / jnp.transpose(denom, (0, 2, 1))[..., None]
 
 
-def fused_attention(q, k, v, bias, extra_logit, extra_value, scale: float, implementation: str = "cudnn"):
-    """The same attention through ``jax.nn.dot_product_attention``: the padded-key term becomes one extra key
-    column (key 0, value ``extra_value``, bias ``extra_logit``), plus one fully masked column so the key length
-    stays even (cuDNN requires it for bias gradients). ``implementation="xla"`` runs the same construction on any
-    backend (used by the tests)."""
-    b, _, h, c = k.shape
-    if extra_logit is not None:
-        k = jnp.concatenate([k, jnp.zeros((b, 2, h, c), k.dtype)], axis=1)
-        pad_v = jnp.stack([extra_value.astype(v.dtype), jnp.zeros((h, c), v.dtype)])
-        v = jnp.concatenate([v, jnp.broadcast_to(pad_v, (b, 2, h, c))], axis=1)
-        masked = jnp.full(extra_logit.shape, _NEG, jnp.float32)
-        bias = jnp.concatenate([bias, extra_logit[..., None], masked[..., None]], axis=-1)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=scale,
-                                       implementation=implementation)
-    return out.astype(jnp.float32)
+def split_log_mass(t: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Two float32 logits ``(hi, lo)`` with ``e^hi + e^lo = e^t`` such that rounding both to ``dtype`` is harmless.
+
+    ``hi`` is ``t`` rounded down to ``dtype`` (exact after the cast); ``lo = log(e^t − e^hi)`` carries the
+    remainder, under one ``dtype`` step of ``t`` in relative mass, so its own rounding moves the total mass by at
+    most about ``ε² / 2`` (bfloat16 near t ≈ log 2232: 5e-4 at worst) instead of the ``ε / 2`` of rounding ``t``
+    itself (1.6 %). Both derivatives w.r.t. ``t`` are 1, so the gradient of the total mass is exact.
+    """
+    t = t.astype(jnp.float32)
+    t0 = jax.lax.stop_gradient(t)
+    low = t0.astype(dtype)
+    low = jnp.where(low.astype(jnp.float32) > t0, jnp.nextafter(low, jnp.array(-jnp.inf, dtype)), low)
+    rest = t0 - low.astype(jnp.float32)  # in [0, one step of dtype at t)
+    hi = t - rest
+    # log(1 − e^{−rest}) = log(−expm1(−rest)); a zero remainder gets a negligible (not infinite) column.
+    lo = t + jnp.maximum(jnp.log(-jnp.expm1(-rest)), -80.0)
+    return hi, lo
 
 
-def attend(q, k, v, bias, extra_logit, extra_value, scale: float, impl: str):
+def _masked_logit(dtype) -> float:
+    """A logit that gets exactly zero weight and stays finite in ``dtype`` (cuDNN mishandles differences of huge
+    negative biases, so not the dtype's minimum)."""
+    return -(2.0 ** 14) if jnp.dtype(dtype) == jnp.float16 else -(2.0 ** 40)
+
+
+def fused_attention(q, k, v, bias, pad, scale: float, implementation: str = "cudnn"):
+    """The same attention through ``jax.nn.dot_product_attention`` (cuDNN on GPU; ``implementation="xla"`` runs
+    the identical construction on any backend, which is how the tests check it).
+
+    The fused kernel takes the bias in the compute dtype. The padded keys therefore enter as two real key columns
+    carrying the padded key vector and value (so the kernel computes ``q·b_k`` itself, as the padded computation
+    does) whose biases :func:`split_log_mass` makes exact in the compute dtype. Query and key counts are padded
+    to even lengths (cuDNN needs them for bias gradients) with discarded rows and zero-weight columns.
+
+    Args:
+        q: ``[b, nq, h, c]``; k, v: ``[b, nk, h, c]`` in the compute dtype.
+        bias: ``[b, h, nq, nk]`` float32 or None.
+        pad: None, or ``(log_mass [b, h, nq] f32, pad_key [h, c], pad_value [h, c])``: the padded keys' total
+            relative-position log-mass per query, and their key and value.
+        scale: the logit scale.
+        implementation: ``"cudnn"`` or ``"xla"``.
+
+    Returns:
+        ``[b, nq, h, c]`` float32.
+    """
+    b, nq, h, c = q.shape
+    dtype = q.dtype
+    nk = k.shape[1]
+    if bias is None:
+        bias = jnp.zeros((b, h, nq, nk), jnp.float32)
+    key_cols, value_cols, bias_cols = [k], [v], [bias.astype(dtype)]
+    if pad is not None:
+        log_mass, pad_key, pad_value = pad
+        hi, lo = split_log_mass(log_mass, dtype)
+        key_cols.append(jnp.broadcast_to(pad_key.astype(dtype), (b, 2, h, c)))
+        value_cols.append(jnp.broadcast_to(pad_value.astype(dtype), (b, 2, h, c)))
+        bias_cols.append(jnp.stack([hi, lo], axis=-1).astype(dtype))
+        nk += 2
+    if nk % 2:
+        key_cols.append(jnp.zeros((b, 1, h, c), dtype))
+        value_cols.append(jnp.zeros((b, 1, h, c), dtype))
+        bias_cols.append(jnp.full((b, h, nq, 1), _masked_logit(dtype), dtype))
+    k, v, bias = (jnp.concatenate(cols, axis=ax) for cols, ax in ((key_cols, 1), (value_cols, 1), (bias_cols, 3)))
+    if nq % 2:  # one discarded query row
+        q = jnp.concatenate([q, jnp.zeros((b, 1, h, c), dtype)], axis=1)
+        bias = jnp.concatenate([bias, jnp.zeros((*bias.shape[:2], 1, bias.shape[3]), dtype)], axis=2)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+    return out[:, :nq].astype(jnp.float32)
+
+
+def attend(q, k, v, bias, pad, scale: float, impl: str):
     """Multi-head attention of q [b, q, h, c] over k, v [b, k, h, c] with an additive float32 bias [b, h, q, k]
-    and an optional extra key column (``extra_logit`` [b, h, q] f32, value ``extra_value`` [h, c])."""
-    if impl == "cudnn":
-        return fused_attention(q, k, v, bias, extra_logit, extra_value, scale, "cudnn")
+    and, optionally, the padded keys folded into one extra key column (``pad`` as in :func:`fused_attention`).
+    Returns [b, q, h, c] float32.
+
+    ``impl``: ``"xla"``, ``"cudnn"``, or ``"fused_xla"`` (the cuDNN construction run through XLA on any backend, for
+    tests and error measurements on machines without a GPU).
+    """
+    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl 'cudnn' needs bfloat16 or float16 compute, got {q.dtype}; use 'xla'")
+    if impl in ("cudnn", "fused_xla"):
+        return fused_attention(q, k, v, bias, pad, scale, "cudnn" if impl == "cudnn" else "xla")
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}")
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias
+    extra_logit = extra_value = None
+    if pad is not None:
+        log_mass, pad_key, extra_value = pad
+        qbk = jnp.einsum("bqhc,hc->bhq", q, pad_key.astype(q.dtype), preferred_element_type=jnp.float32)
+        extra_logit = qbk * scale + log_mass
     return _softmax_with_extra(logits, extra_logit, v, extra_value)
 
 
@@ -210,17 +277,16 @@ def _window_attention(q, k, v, bq, bk, bv, tables, window: int, scale: float, im
                 + ww[..., :z1, :z2][:, :, :, None, :, None, :, :])  # [n, z0, z1, z2, h, i, j, l]
         bias = bias.reshape(n, nq, h, nq).transpose(0, 2, 1, 3)
 
-    extra_logit = None
+    pad = None
     if window and z != (window,) * 3:
         if tables is not None:
             log_mass = _pad_log_mass(d, hh, ww, z, window)
         else:
             log_mass = jnp.full((n, z0, z1, z2, h), math.log(window ** 3 - nq), jnp.float32)
-        qbk = jnp.einsum("nabzhx,hx->nabzh", q, bk.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-        extra_logit = (qbk + log_mass).reshape(n, nq, h).transpose(0, 2, 1)
+        pad = (log_mass.reshape(n, nq, h).transpose(0, 2, 1), bk, bv)
 
     flat = lambda t: t.reshape(n, nq, h, c)  # noqa: E731
-    out = attend(flat(q), flat(k), flat(v), bias, extra_logit, bv, scale, impl)
+    out = attend(flat(q), flat(k), flat(v), bias, pad, scale, impl)
     return out.reshape(n, z0, z1, z2, h, c)
 
 

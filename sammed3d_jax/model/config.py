@@ -1,14 +1,19 @@
 """ModelConfig: every architecture number of SAM-Med3D, as a frozen (hashable) dataclass, plus named variants.
 
 Field names follow the upstream builder's vocabulary (the fixture ``config.json`` uses it too), so a config file
-written by the reference tooling can be read with :func:`ModelConfig.from_json`. Must not import data/training code
-or ml_collections.
+written by the reference tooling can be read with :func:`ModelConfig.from_json`. Besides the architecture it holds
+execution fields (EXECUTION_FIELDS: compute dtype, attention implementation, remat policy, block scan) that change
+how, never what, the model computes. Owns ``ModelConfig``, ``VARIANTS`` (the released ``vit_b_ori``, upstream's
+unreleased ``vit_b``/``vit_l``/``vit_h``, and the CPU-sized ``small``/``tiny``) and ``resolve_attention_impl``.
+Imports etils (config files) only; must not import jax, data/training code or ml_collections.
 """
 
 import dataclasses
 import json
 import os
 from typing import Any
+
+from etils import epath
 
 # Keys of the fixture/upstream config vocabulary that describe the run or derived numbers, not the architecture.
 # They are accepted by `from_dict` and checked for consistency where they are derived.
@@ -24,6 +29,16 @@ _FIXED_STRINGS = {
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# Names of the encoder-block rematerialisation policies (see ``remat_policy``); the values worth saving are tagged
+# with ``jax.ad_checkpoint.checkpoint_name`` in the blocks ("qkv", "attention_out", "mlp_hidden").
+REMAT_POLICIES = (
+    "none", "full", "dots_saveable", "dots_no_batch_dims", "save_qkv", "save_attention_out",
+    "save_qkv_attention_out", "save_mlp_hidden",
+)
+# Fields that change how the model is computed, not what it computes: two configs that differ only here describe the
+# same architecture and load the same weights.
+EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "remat_encoder_blocks",
+                    "scan_encoder_blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +75,25 @@ class ModelConfig:
     layernorm3d_eps: float = 1e-6
     decoder_layernorm_eps: float = 1e-5
     gelu_approximate: bool = False
-    # Numerics and execution (not part of upstream's vocabulary).
+    # 2: negative/positive click embeddings (the released turbo layout); 4: plus the two box-corner embeddings of
+    # upstream's challenge branch (``sam_med3d_turbo_bbox_*.pth``), which enables box prompts.
+    num_point_embeddings: int = 2
+    # Numerics and execution (not part of upstream's vocabulary; see EXECUTION_FIELDS).
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # "auto": cuDNN fused attention where available, else XLA; "xla"; "cudnn".
-    remat_encoder_blocks: bool = False  # rematerialise encoder blocks in the backward pass (saves memory).
+    # "xla" (portable einsum/softmax) or "cudnn" (fused attention, bf16/fp16 on NVIDIA GPUs). "auto" is a request
+    # for the platform default: entry points turn it into one of the two with `resolve_attention_impl`; the model
+    # itself never looks at the platform and computes an unresolved "auto" with the portable XLA path.
+    attention_impl: str = "auto"
+    # Rematerialisation of each encoder block in the backward pass, by name (REMAT_POLICIES): "none" keeps every
+    # activation, "full" recomputes the block, "dots_saveable"/"dots_no_batch_dims" keep matmul outputs (JAX's
+    # policies), "save_*" keep only the tagged values.
+    remat_policy: str = "none"
+    remat_encoder_blocks: bool = False  # Legacy spelling of remat_policy="full"; normalised to False on creation.
+    # Run repeated groups of identical encoder blocks (e.g. window, window, global) as a lax.scan: the compiled
+    # program holds one group instead of every block (much shorter compilation). Parameters keep the per-block
+    # layout (``blocks_<i>``); the scan stacks them on the fly.
+    scan_encoder_blocks: bool = False
 
     def __post_init__(self):
         problems = []
@@ -88,11 +117,21 @@ class ModelConfig:
             problems.append(f"dtype/param_dtype must be one of {_DTYPES}, got {self.dtype}/{self.param_dtype}")
         if self.attention_impl not in _ATTENTION_IMPLS:
             problems.append(f"attention_impl must be one of {_ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.remat_encoder_blocks and self.remat_policy not in ("none", "full"):
+            problems.append(f"remat_encoder_blocks=True contradicts remat_policy={self.remat_policy!r}")
+        if self.num_point_embeddings not in (2, 4):
+            problems.append(f"num_point_embeddings must be 2 (clicks) or 4 (clicks + box corners), "
+                            f"got {self.num_point_embeddings}")
         if self.num_multimask_outputs < 1 or self.iou_head_depth < 1:
             problems.append("num_multimask_outputs and iou_head_depth must be >= 1")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
+        if self.remat_encoder_blocks:  # One spelling from here on: the legacy bool becomes the named policy.
+            object.__setattr__(self, "remat_policy", "full")
+            object.__setattr__(self, "remat_encoder_blocks", False)
 
     # Derived numbers -------------------------------------------------------------------------------------------
     @property
@@ -117,9 +156,18 @@ class ModelConfig:
     def encoder_mlp_dim(self) -> int:
         return int(self.encoder_embed_dim * self.mlp_ratio)
 
+    @property
+    def supports_boxes(self) -> bool:
+        """True when the prompt encoder has the two box-corner embeddings (``num_point_embeddings == 4``)."""
+        return self.num_point_embeddings == 4
+
     def block_window_size(self, index: int) -> int:
         """Window of encoder block ``index``: 0 (global attention) for a global block, else ``window_size``."""
         return 0 if index in self.encoder_global_attn_indexes else self.window_size
+
+    def architecture(self) -> dict[str, Any]:
+        """``to_dict`` without the EXECUTION_FIELDS: equal for two configs that load the same weights."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -155,11 +203,10 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
+        try:
+            d = json.loads(epath.Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:
@@ -178,9 +225,22 @@ class ModelConfig:
         return VARIANTS[name].replace(**overrides)
 
 
+def _upstream_256(embed_dim: int, depth: int, heads: int, global_attn: tuple[int, ...]) -> ModelConfig:
+    """Upstream's ``_build_sam3D`` registry entries (never released): 256³ input, patch 16 (16³ tokens, i.e. one
+    full 14³ window and a ragged 2-wide one per axis), window 14, prompt dim 384, mask_in_chans 16, IoU head 3x256."""
+    return ModelConfig(
+        image_size=256, vit_patch_size=16, encoder_embed_dim=embed_dim, encoder_depth=depth, encoder_num_heads=heads,
+        encoder_global_attn_indexes=global_attn, window_size=14, prompt_embed_dim=384, mask_in_chans=16,
+        iou_head_depth=3, iou_head_hidden_dim=256)
+
+
 VARIANTS: dict[str, ModelConfig] = {
     # The released SAM-Med3D / SAM-Med3D-turbo architecture (upstream `build_sam3D_vit_b_ori`).
     "vit_b_ori": ModelConfig(),
+    # Upstream's build_sam3D_vit_b / _vit_l / _vit_h (its "vit_b" is 384 wide, not ViT-B's 768).
+    "vit_b": _upstream_256(384, 12, 12, (2, 5, 8, 11)),
+    "vit_l": _upstream_256(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": _upstream_256(1280, 32, 16, (7, 15, 23, 31)),
     # Unit tests: 32^3 volumes, 4^3 token grid padded into one 14^3 window (the same quirk as the real model).
     "tiny": ModelConfig(
         image_size=32, vit_patch_size=8, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
@@ -192,3 +252,16 @@ VARIANTS: dict[str, ModelConfig] = {
         encoder_global_attn_indexes=(1, 3), prompt_embed_dim=48, iou_head_hidden_dim=64,
         decoder_transformer_mlp_dim=256),
 }
+
+
+def resolve_attention_impl(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """``cfg`` with a concrete ``attention_impl`` for ``platform`` (``jax.default_backend()``: "cpu", "gpu", "tpu").
+
+    Entry points (training, evaluation, prediction, benchmarks) call this once; the model never inspects the
+    platform. "auto" becomes "cudnn" for half-precision compute on a GPU (cuDNN's fused attention takes bf16/fp16
+    only) and "xla" everywhere else; an explicit "xla"/"cudnn" is kept as given.
+    """
+    if cfg.attention_impl != "auto":
+        return cfg
+    half = cfg.dtype in ("bfloat16", "float16")
+    return cfg.replace(attention_impl="cudnn" if platform == "gpu" and half else "xla")

@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any  # a numpy/jax dtype or scalar type (jnp.float32, jnp.bfloat16, ...)
 
@@ -56,7 +57,11 @@ def torch_uniform(fan_in: int) -> Callable:
 
 
 class Dense(nn.Module):
-    """``y = x @ kernel + bias`` with kernel ``(in, out)`` (torch Linear weight transposed) and torch's init."""
+    """``y = x @ kernel + bias`` with kernel ``(in, out)`` (torch Linear weight transposed) and torch's init.
+
+    The output is tagged with the module's name (``jax.ad_checkpoint.checkpoint_name``, e.g. "qkv"), so a
+    rematerialisation policy can keep it by name; outside ``jax.checkpoint`` the tag does nothing.
+    """
 
     features: int
     use_bias: bool = True
@@ -71,14 +76,15 @@ class Dense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", torch_uniform(fan_in), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
-        return y
+        return checkpoint_name(y, self.name) if self.name else y
 
 
 class MLP(nn.Module):
     """Stack of Dense layers (``layers_0`` ... ``layers_{n-1}``) with an activation between them, none at the end.
 
     Upstream's ``MLP`` (hypernetworks, IoU head) with ReLU; also used as upstream's two-layer ``MLPBlock`` when
-    ``names=("lin1", "lin2")``.
+    ``names=("lin1", "lin2")``. ``hidden_name`` tags the activations between layers for rematerialisation
+    policies (``checkpoint_name``).
     """
 
     hidden_dim: int
@@ -86,6 +92,7 @@ class MLP(nn.Module):
     num_layers: int = 2
     activation: Callable[[jax.Array], jax.Array] = jax.nn.relu
     names: tuple[str, ...] | None = None
+    hidden_name: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -98,6 +105,8 @@ class MLP(nn.Module):
                       param_dtype=self.param_dtype, name=name)(x)
             if not last:
                 x = self.activation(x)
+                if self.hidden_name:
+                    x = checkpoint_name(x, self.hidden_name)
         return x
 
 

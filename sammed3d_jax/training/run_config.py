@@ -30,8 +30,12 @@ RUN_KEYS = ("total_steps", "total_epochs", "resume", "stop_after_steps", "progre
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The ModelConfig of ``config.model`` (a variant plus numerics overrides)."""
     m = config.model
+    # Optional keys: another input size (weights resampled at load), box-corner embeddings, named remat policy,
+    # scanned encoder blocks.
+    optional = ("image_size", "num_point_embeddings", "remat_policy", "scan_encoder_blocks")
+    extra = {k: m[k] for k in optional if k in m and m[k]}
     return ModelConfig.variant(m.variant, dtype=m.dtype, attention_impl=m.attention_impl,
-                               remat_encoder_blocks=bool(m.remat_encoder_blocks))
+                               remat_encoder_blocks=bool(m.remat_encoder_blocks), **extra)
 
 
 def step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:

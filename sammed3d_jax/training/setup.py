@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sammed3d_jax import parallel
-from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
 from sammed3d_jax.model.sam import init_variables
 from sammed3d_jax.training import optim, state as state_lib, step as step_lib
 
@@ -93,6 +93,7 @@ def build(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, step_cfg: step_l
       The :class:`TrainSetup`.
     """
     items = compiler_options.items() if isinstance(compiler_options, dict) else (compiler_options or ())
+    model_cfg = resolve_attention_impl(model_cfg, jax.default_backend())  # "auto": cuDNN for bf16 on a GPU.
     return _build(model_cfg, optim_cfg, step_cfg, mesh, tuple(tuple(r) for r in rules), fsdp_axis,
                   tuple(sorted(tuple(i) for i in items)))
 
@@ -120,10 +121,12 @@ def place_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_batch: int | No
 def compiled_flops(train_step: Callable, *args: Any) -> float | None:
     """FLOPs of one call of a jitted function on this device, from XLA's cost analysis (None if unavailable).
 
-    The partitioned program is per device, so this is the work of one device per step.
+    ``train_step`` is a jitted function (lowered and compiled for ``args``) or an already compiled one. The
+    partitioned program is per device, so this is the work of one device per step.
     """
     try:
-        analysis = train_step.lower(*args).compile().cost_analysis()
+        compiled = train_step if hasattr(train_step, "cost_analysis") else train_step.lower(*args).compile()
+        analysis = compiled.cost_analysis()
     except Exception:  # pylint: disable=broad-except  # Cost analysis is best effort on every backend.
         return None
     if isinstance(analysis, (list, tuple)):

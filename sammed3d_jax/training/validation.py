@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from sammed3d_jax import parallel
-from sammed3d_jax.model.config import ModelConfig
+from sammed3d_jax.model.config import ModelConfig, resolve_attention_impl
 from sammed3d_jax.model.sam import Sam3D
 from sammed3d_jax.training import step as step_lib
 
@@ -63,6 +63,7 @@ class Validator:
     def __init__(self, model_cfg: ModelConfig, cfg: step_lib.StepConfig, mesh: Mesh, param_shardings: Any,
                  batches: Sequence[dict[str, jax.Array]], key: jax.Array,
                  compiler_options: dict[str, Any] | None = None):
+        model_cfg = resolve_attention_impl(model_cfg, jax.default_backend())
         fn = functools.partial(eval_step, model=Sam3D(model_cfg), cfg=cfg)
         rep = parallel.replicated(mesh)
         self._fn: Callable = jax.jit(fn, in_shardings=(*param_shardings, parallel.batch_sharding(mesh), rep),

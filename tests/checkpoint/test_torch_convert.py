@@ -54,11 +54,26 @@ def test_vit_b_ori_table_is_the_released_layout(fixtures_dir):
         k["name"] for k in spec["keys"] if k["kind"] == "buffer"}
 
 
-@pytest.mark.parametrize("variant", ["vit_b_ori", "fixture", "tiny"])
-def test_table_matches_the_model_tree(variant, tiny_cfg):
+@pytest.mark.parametrize("variant", ["vit_b_ori", "fixture", "box_fixture", "tiny"])
+def test_table_matches_the_model_tree(variant, tiny_cfg, fixtures_dir):
     # eval_shape: the full vit_b_ori tree is checked without allocating its 400 MB.
-    cfg = tiny_cfg if variant == "fixture" else ModelConfig.variant(variant)
+    if variant == "box_fixture":
+        cfg = ModelConfig.from_json(fixtures_dir / "upstream_box_tiny" / "config.json")
+        assert cfg.num_point_embeddings == 4
+    else:
+        cfg = tiny_cfg if variant == "fixture" else ModelConfig.variant(variant)
     assert _model_shapes(cfg) == _table_shapes(cfg)
+
+
+def test_box_fixture_table_is_its_state_dict(fixtures_dir):
+    box = fixtures_dir / "upstream_box_tiny"
+    cfg = ModelConfig.from_json(box / "config.json")
+    with np.load(box / "weights.npz") as z:
+        want = [(k, z[k].shape) for k in z.files]
+    assert [(e.torch_key, e.torch_shape) for e in conversion_table(cfg)] == want  # names, shapes and order
+    state = read_state_dict(box / "checkpoint.pth")
+    back = flax_to_torch(torch_to_flax(state, cfg), cfg)
+    assert list(back) == list(state) and all(np.array_equal(back[k], state[k]) for k in state)
 
 
 def test_fixture_converts_with_exact_transforms(tiny_cfg, weights):
@@ -134,11 +149,14 @@ def test_flax_side_errors_name_paths(tiny_cfg, weights):
 
 @settings(max_examples=6, deadline=None)
 @given(depth=st.integers(1, 3), globals_mask=st.integers(0, 7), iou_depth=st.integers(1, 4),
-       multimask=st.integers(1, 3), use_rel_pos=st.booleans(), window=st.sampled_from([0, 3, 14]))
-def test_every_key_consumed_and_every_leaf_filled(depth, globals_mask, iou_depth, multimask, use_rel_pos, window):
+       multimask=st.integers(1, 3), use_rel_pos=st.booleans(), window=st.sampled_from([0, 3, 14]),
+       points=st.sampled_from([2, 4]))
+def test_every_key_consumed_and_every_leaf_filled(depth, globals_mask, iou_depth, multimask, use_rel_pos, window,
+                                                  points):
     cfg = ModelConfig.variant(
         "tiny", encoder_depth=depth, encoder_global_attn_indexes=tuple(i for i in range(depth) if globals_mask >> i & 1),
-        iou_head_depth=iou_depth, num_multimask_outputs=multimask, use_rel_pos=use_rel_pos, window_size=window)
+        iou_head_depth=iou_depth, num_multimask_outputs=multimask, use_rel_pos=use_rel_pos, window_size=window,
+        num_point_embeddings=points)
     assert _model_shapes(cfg) == _table_shapes(cfg)
     rng = np.random.default_rng(depth * 100 + globals_mask)
     state = {e.torch_key: rng.standard_normal(e.torch_shape).astype(np.float32) for e in conversion_table(cfg)}

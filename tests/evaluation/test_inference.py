@@ -122,6 +122,7 @@ def test_click_buffer_equals_decoding_with_exactly_the_present_clicks(tiny):
     model = Sam3D(cfg)
     decode = jax.jit(lambda v, e, p, l, m: model.apply(v, e, p, l, m, multimask_output=False, method=Sam3D.decode))
     inter = seg.start(roi)
+    compiled_before = seg._click._cache_size()  # The jitted click is shared per config: other tests may have run it.
     for t, (point, positive) in enumerate(clicks, 1):
         previous = inter.low_logits
         inter = seg.click(inter, point, positive)
@@ -134,7 +135,7 @@ def test_click_buffer_equals_decoding_with_exactly_the_present_clicks(tiny):
             full = upsample_logits(low, s)[..., 0]
             np.testing.assert_allclose(np.asarray(inter.logits), np.asarray(full), atol=1e-5)
     assert not np.array_equal(np.asarray(inter.low_logits), np.zeros_like(inter.low_logits))
-    assert seg._click._cache_size() == 1  # one compilation served every click count
+    assert seg._click._cache_size() - compiled_before <= 1  # one compilation (at most) served every click count
 
 
 def test_simulated_interaction_replays_through_the_user_click_path(tiny):

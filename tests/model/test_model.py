@@ -145,4 +145,4 @@ def test_config_from_fixture_and_errors(tiny_fixture_dir, tmp_path):
     with pytest.raises(ValueError, match="not a multiple"):
         ModelConfig(image_size=100)
     with pytest.raises(ValueError, match="unknown model variant"):
-        ModelConfig.variant("vit_h")
+        ModelConfig.variant("vit_g")

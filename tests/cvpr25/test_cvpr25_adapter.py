@@ -135,8 +135,6 @@ def test_window_starts():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(ModelConfig(), "num_point_embeddings"),
-                    reason="the box-capable model layout (ModelConfig.num_point_embeddings) is not on this branch yet")
 def test_box_prompt_through_a_box_capable_model():
     import jax
     import jax.numpy as jnp
