@@ -76,9 +76,9 @@ class Runner:
                         "iou_predictions_single": np.asarray(iou_j), "masks_upsampled_single": _cf(full_j)}
             # The training interaction on both decoders, fed the same clicks (ours, drawn by the train step's rule).
             record = []
-            key = jax.random.key(self.seed + 2)
+            keys = jax.vmap(lambda e: jax.random.fold_in(jax.random.key(self.seed + 2), e))(jnp.arange(b))
             schedule = cc.prompt_less_steps(clicks, cc.draw_insert(rng))
-            ops_j = js.click_ops(cfg, self.variables, js.keyed_clicks(key, record), embedding=emb_j)
+            ops_j = js.click_ops(cfg, self.variables, js.keyed_clicks(keys, record), embedding=emb_j)
             _, losses_j, _ = cc.interaction(ops_j, None, jnp.asarray(gt), schedule)
         ops_t = ts.click_ops(self.model, s, ts.replay_clicks([p for p, _ in record], [lb for _, lb in record], dev),
                              embedding=emb_t)

@@ -190,14 +190,21 @@ def click_ops(cfg: ModelConfig, variables, next_click, embedding=None) -> cc.Cli
         zero_logits=lambda emb: jnp.zeros((emb.shape[0], g4, g4, g4, 1), jnp.float32))
 
 
-def keyed_clicks(key: jax.Array, record: list | None = None):
-    """A ``next_click`` drawing ``sample_click(fold_in(key, step), gt, full > 0.5)`` (the train step's rule and
-    keys); appends each ``(points [b, 3], labels [b])`` as numpy to ``record`` when given."""
-    draw = jax.jit(lambda k, gt, pred: sample_click(k, gt, pred))
+def keyed_clicks(keys: jax.Array, record: list | None = None):
+    """A ``next_click`` drawing, for each row i, ``sample_click(fold_in(keys[i], step), gt[i], full[i] > 0.5)`` (the
+    train step's rule with its per-sample keys, ``training.step.sample_keys``); appends each ``(points [b, 3],
+    labels [b])`` as numpy to ``record`` when given."""
+
+    def one(k, g, p):
+        pt, lb = sample_click(k, g[None], p[None])
+        return pt[0], lb[0]
+
+    draw = jax.jit(lambda ks, step, gt, pred: jax.vmap(one)(
+        jax.vmap(lambda k: jax.random.fold_in(k, step))(ks), gt, pred))
 
     def next_click(step, gt, full):
         pred = jnp.zeros_like(gt) if full is None else full > cc.CLICK_LOGIT_THRESHOLD
-        pts, lbl = draw(jax.random.fold_in(key, step), gt, pred)
+        pts, lbl = draw(keys, step, gt, pred)
         if record is not None:
             record.append((np.asarray(pts), np.asarray(lbl)))
         return pts[:, None, :], lbl[:, None]

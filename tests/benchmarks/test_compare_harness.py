@@ -114,17 +114,16 @@ def test_click_loop_equals_our_train_step():
     s, b = cfg.image_size, 2
     gt = cc.box_target(b, s)
     image = (rng.standard_normal((b, s, s, s)) + 2.0 * gt).astype(np.float32)[..., None]
-    key = jax.random.key(5)
+    keys = step_lib.sample_keys(jax.random.key(5), jnp.arange(b))  # The step's per-sample click keys.
     step_cfg = step_lib.StepConfig()  # upstream: 11 clicks, prompt-less at a step in 2..8 and at the last
+    _, insert_at = step_lib.draw_interaction(jax.random.key(6), step_cfg)
+    insert_at = int(insert_at)
     with jax.default_matmul_precision("float32"):
         loss_ref, aux = jax.jit(lambda p, bf, batch, k: step_lib.interactive_loss(
-            p, bf, batch, k, jnp.int32(11), model=Sam3D(cfg), cfg=step_cfg))(
-            variables["params"], variables["buffers"], {"image": jnp.asarray(image), "label": jnp.asarray(gt)}, key)
-        # The step's own randomness: split into the prompt-less step's key and the clicks' key.
-        k_insert, k_clicks = jax.random.split(key)
-        insert_at = int(jax.random.randint(k_insert, (), step_cfg.random_insert[0], step_cfg.random_insert[1] + 1))
+            p, bf, batch, k, jnp.int32(11), jnp.int32(insert_at), model=Sam3D(cfg), cfg=step_cfg))(
+            variables["params"], variables["buffers"], {"image": jnp.asarray(image), "label": jnp.asarray(gt)}, keys)
         record = []
-        ops = jax_side.click_ops(cfg, variables, jax_side.keyed_clicks(k_clicks, record))
+        ops = jax_side.click_ops(cfg, variables, jax_side.keyed_clicks(keys, record))
         total, per_click, _ = cc.interaction(ops, jnp.asarray(image), jnp.asarray(gt > 0),
                                              cc.prompt_less_steps(11, insert_at))
     np.testing.assert_allclose(np.array([float(v) for v in per_click]), np.asarray(aux["loss_per_click"]),
