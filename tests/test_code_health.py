@@ -67,6 +67,10 @@ def test_one_implementation_of_each_former_duplicate():
     callers = sorted({str(p.relative_to(REPO)) for p in _sources() + sorted((REPO / "benchmarks").glob("*.py"))
                       if re.search(r"\b(create_train_state|state_shardings)\(", p.read_text())})
     assert callers == ["sammed3d_jax/training/setup.py", "sammed3d_jax/training/state.py"], callers
+    # One plotter: only writers.py draws (training curves, evaluation and challenge plots go through plot_panels).
+    plotters = sorted(str(p.relative_to(REPO)) for p in _sources() if "matplotlib" in p.read_text().replace(
+        "matplotlib's", ""))
+    assert plotters == ["sammed3d_jax/writers.py"], plotters
     # Library log levels are set in one place, cli.quiet_library_logs, which every entry point calls.
     for entry in ("train.py", "eval.py"):
         text = (REPO / entry).read_text()
