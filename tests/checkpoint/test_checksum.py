@@ -27,6 +27,10 @@ def test_checksum_is_sharding_independent_and_sees_every_bit():
     one = checksum.tree_checksums({"x": jnp.asarray(x)})
     for spec in (P("a", "b"), P("b", None), P(None, ("a", "b"))):
         assert checksum.tree_checksums({"x": jax.device_put(x, NamedSharding(mesh, spec))}) == one
+    y = np.random.default_rng(2).normal(size=(4, 8, 8)).astype(ml_dtypes.bfloat16)  # Offsets on every axis.
+    three = checksum.tree_checksums([y])
+    for spec in (P("a", None, "b"), P(None, "b", "a"), P("b", "a", None)):
+        assert checksum.tree_checksums([jax.device_put(y, NamedSharding(mesh, spec))]) == three
     bits = x.view(np.uint32)
     for flat, bit in [(0, 0), (17, 31), (383, 22)]:  # Any single flipped bit changes the sums.
         flipped = bits.copy().reshape(-1)
@@ -35,7 +39,13 @@ def test_checksum_is_sharding_independent_and_sees_every_bit():
     swapped = x.copy()
     swapped[[0, 1]] = swapped[[1, 0]]  # The same values in other places.
     assert checksum.tree_checksums({"x": jnp.asarray(swapped)}) != one
-    assert checksum.tree_checksums({"x": x, "y": jnp.ones(3)})[0] is None  # Host values are not checked.
+    assert checksum.tree_checksums({"x": x}) == one  # A host array of the same values: the same checksum.
+    # The sums are the formula's, on a hand case: bits b = [[1, 2, 3], [4, 5, 6]] at positions 0..5.
+    small = np.arange(1, 7, dtype=np.uint32).reshape(2, 3)
+    assert checksum.tree_checksums({"u": small}) == [[21, sum(int(b) * (2 * i + 1) for i, b in
+                                                              enumerate(small.reshape(-1)))]]
+    assert checksum.tree_checksums({"e": np.zeros((0, 3)), "s": np.float32(1.0)}) == [
+        [0, 0], [0x3F800000, 0x3F800000]]
 
 
 def _flip_middle_of_largest_file(step_dir):
