@@ -32,12 +32,12 @@ from sammed3d_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
-CHECKSUM_KEY = "state_checksums"  # In the data item: one [plain, mixed] pair per state leaf (None: not checked).
+MODEL_CONFIG_FILE = "model_config.json"
+CHECKSUM_KEY = "state_checksums"  # In the data item: one [plain, mixed] pair per state leaf (checksum.py).
 
 
 class DamagedCheckpoint(Exception):
     """A restored state does not match the checksums recorded when it was saved."""
-MODEL_CONFIG_FILE = "model_config.json"
 
 
 def run_path(path: str | os.PathLike) -> epath.Path:
