@@ -8,6 +8,7 @@ replicate leaves that have none). Model code never shards anything. Must not imp
 ml_collections.
 """
 
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,24 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 RULES = ("replicate", "fsdp")
+
+
+_BARRIER_IDS = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Every process waits here until all have arrived (nothing to do with one process).
+
+    The coordination service's barrier, not a device collective: processes may arrive minutes apart (one still
+    compiling, the primary still writing files), where a collective on CPU (gloo) gives up after 30 s. Every process
+    must pass the same barriers in the same order (ids are numbered per process).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel  # The client of initialize().
+
+    barrier_id = f"sammed3d_jax/{next(_BARRIER_IDS)}/{name}"
+    distributed.global_state.client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
 
 
 def _resolve(spec: Sequence[tuple[str, int]], n: int, what: str) -> tuple[tuple[str, ...], list[int]]:

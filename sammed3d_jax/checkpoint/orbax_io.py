@@ -215,7 +215,7 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> epath.Path:
     """Moves damaged checkpoints to ``<workdir>/checkpoints_damaged/`` (kept for inspection, out of the way of the
     steps the resumed run saves again); the primary process moves, every process waits for it."""
     import jax
-    from jax.experimental import multihost_utils
+    from sammed3d_jax import parallel  # pylint: disable=import-outside-toplevel
 
     target = epath.Path(manager.directory).parent / "checkpoints_damaged"
     if jax.process_index() == 0:
@@ -226,7 +226,7 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> epath.Path:
                 dest.rmtree()
             source.rename(dest)
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("damaged checkpoints set aside")
+        parallel.barrier("damaged checkpoints set aside")
     manager.reload()
     return target
 

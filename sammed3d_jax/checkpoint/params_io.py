@@ -120,7 +120,7 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     """
     import jax
     import orbax.checkpoint as ocp
-    from jax.experimental import multihost_utils
+    from sammed3d_jax import parallel  # pylint: disable=import-outside-toplevel
 
     check_variables(variables, cfg)
     # epath: a gs:// folder stays a URL. Several processes (a multi-host training export): every one passes the
@@ -135,7 +135,7 @@ def save_params(directory: str | os.PathLike, variables: Mapping[str, Any], cfg:
     if primary:
         directory.mkdir(parents=True, exist_ok=True)
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("params directory ready")
+        parallel.barrier("params directory ready")
     counts = count_parameters(variables)
     metadata = {
         "format": FORMAT,

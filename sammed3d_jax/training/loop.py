@@ -80,7 +80,7 @@ def prepared_data_dir(config: ml_collections.ConfigDict, workdir: epath.Path) ->
             make_synthetic_dataset(str(raw), config.data.synthetic_cases, seed=config.seed)
         prepare_dataset(str(raw), str(prepared), workers=1, progress=False)  # Reuses finished cases on a rerun.
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("synthetic data ready")
+        parallel.barrier("synthetic data ready")
     return str(prepared)
 
 
@@ -215,6 +215,7 @@ def train_steps(run: Run, state: Any, start: int, feed: data_feed.DataFeed, mana
             if timer is None:  # The first step compiles; its FLOP count comes from the same compilation.
                 t0 = time.perf_counter()
                 flops = setup_lib.compiled_flops(train_fn, state, batch, train_key)
+                parallel.barrier("train step compiled")  # Compile times differ; the step's collectives must not.
             state, metrics = train_fn(state, batch, train_key)
             pending.append(metrics)
             bar.update(1)
@@ -370,5 +371,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     if run.primary and step > start:
         print(_summary_line(run, start, step, summary, params, time.perf_counter() - t_start), flush=True)
     if jax.process_count() > 1:  # Leave together: no process reaches JAX's shutdown barrier while others still work.
-        multihost_utils.sync_global_devices("run finished")
+        parallel.barrier("run finished")
     return state

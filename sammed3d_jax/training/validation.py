@@ -71,10 +71,15 @@ class Validator:
         self.batches = list(batches)
         self.key = key
         self.clicks = cfg.max_clicks
+        self._compiled = False
 
     def __call__(self, params: Any, buffers: Any) -> dict[str, float]:
         """Mean Dice after the first and after the last click over the held-out samples."""
         total, count = np.zeros(self.clicks), 0.0
+        if self.batches and not self._compiled:  # Compile everywhere first, then meet: compile times differ.
+            self._fn.lower(params, buffers, self.batches[0], self.key).compile()
+            parallel.barrier("validation step compiled")
+            self._compiled = True
         for batch in self.batches:
             out = self._fn(params, buffers, batch, self.key)
             out = (multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1

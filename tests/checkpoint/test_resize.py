@@ -120,7 +120,7 @@ def _finetune_config(arg):
 
 
 def test_finetune_at_another_size_resamples_at_load(tiny_fixture_dir, tmp_path, fixture_weights):
-    from sammed3d_jax.training.loop import model_config
+    from sammed3d_jax.training.run_config import model_config
 
     variables, cfg, _ = fixture_weights
     assert convert.main([str(tiny_fixture_dir / "checkpoint.pth"), str(tmp_path / "p"),
