@@ -10,12 +10,15 @@ Computed on the host with numpy (two reductions per shard, no compilation). A co
 cryptographic one. Must not import data/ or training/.
 """
 
+import itertools
+import json
 from typing import Any
 
 import jax
 import numpy as np
 
 _MOD = 1 << 64
+_EXCHANGES = itertools.count()
 
 
 def _bits(block: np.ndarray) -> np.ndarray:
@@ -67,22 +70,29 @@ def _leaf_sums(x: Any) -> tuple[int, int]:
 def tree_checksums(tree: Any) -> list[list[int]]:
     """``[plain_sum, mixed_sum]`` per leaf of ``tree`` (in ``jax.tree.leaves`` order).
 
-    Every process of a multi-process run must call this at the same point (the partial sums are gathered); each
-    gets the same values.
+    Every process of a multi-process run must call this, in the same order as the others (the partial sums of arrays
+    spread over processes are exchanged); each gets the same values.
     """
     leaves = jax.tree.leaves(tree)
     sums = [_leaf_sums(x) for x in leaves]
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-        distributed = [isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves]
-        words = np.array([[s & 0xFFFFFFFF, s >> 32] for pair in sums for s in pair], np.uint32).reshape(-1, 4)
-        gathered = np.asarray(multihost_utils.process_allgather(words)).reshape(jax.process_count(), -1, 4)
-        for n, is_global in enumerate(distributed):
-            if is_global:  # Host values and process-local arrays are whole on every process: no sum over processes.
-                parts = gathered[:, n].astype(np.uint64)
-                sums[n] = tuple(sum(int(p[k]) | int(p[k + 1]) << 32 for p in parts) % _MOD for k in (0, 2))
+    spread = [n for n, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    if jax.process_count() > 1 and spread:  # Host values and process-local arrays are whole on every process.
+        parts = _exchange([sums[n] for n in spread])
+        for i, n in enumerate(spread):
+            sums[n] = tuple(sum(int(part[i][k]) for part in parts) % _MOD for k in (0, 1))
     return [[int(a), int(b)] for a, b in sums]
+
+
+def _exchange(partial: list[tuple[int, int]], timeout_s: float = 3600.0) -> list[list[list[int]]]:
+    """Every process's partial sums, through the coordination service's key-value store (not a device collective:
+    processes may reach a save seconds or minutes apart). Calls are numbered per process, like ``parallel.barrier``."""
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel  # The client of initialize().
+
+    client = distributed.global_state.client
+    key = f"sammed3d_jax/checksums/{next(_EXCHANGES)}"
+    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps([list(p) for p in partial]))
+    return [json.loads(client.blocking_key_value_get(f"{key}/{p}", int(timeout_s * 1000)))
+            for p in range(jax.process_count())]
 
 
 def mismatches(tree: Any, expected: list[list[int] | None]) -> list[str]:
