@@ -202,6 +202,21 @@ def test_resume_skips_a_damaged_checkpoint_and_needs_one(tmp_path, prepared, ful
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_moved_run_and_its_moved_data_resume(tmp_path, prepared, full_run):
+    # Case keys are dataset-relative: the run folder and its prepared store, both moved, continue the same stream.
+    _, full = full_run
+    first = tmp_path / "first"
+    train_and_evaluate(_tiny_config(prepared, stop_after_steps=4), str(first))
+    moved_data, moved_run = tmp_path / "elsewhere" / "prepared", tmp_path / "elsewhere" / "run"
+    shutil.copytree(prepared, moved_data)
+    shutil.move(first, moved_run)
+    resumed = train_and_evaluate(_tiny_config(str(moved_data), resume=True), str(moved_run))
+    for a, b in zip(_params(resumed), _params(full)):
+        np.testing.assert_array_equal(a, b)
+    (record,) = [json.loads(x) for x in (moved_run / "resumes.jsonl").read_text().splitlines()]
+    assert record["step"] == 3 and "data.prepared_dir" in record["changes"]
+
+
 def test_unwritable_checkpoint_folder_fails_at_once(tmp_path, prepared):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
