@@ -5,8 +5,8 @@
   plotted to a PNG. Only the primary process (``jax.process_index() == 0``) writes; the others are silent no-ops.
 - ``json_safe``: the one cleaner for strict JSON (numpy/jax scalars and arrays made plain, NaN/inf -> ``null``), used
   for metrics and for evaluation summaries.
-- ``plot_panels``: the one plotter (training curves, evaluation Dice/NSD vs clicks): matplotlib's object API on an
-  Agg canvas, no pyplot global state, written through ``etils.epath``.
+- ``plot_panels``: the one plotter (training curves, evaluation Dice/NSD vs clicks, the challenge's DSC/NSD vs step):
+  matplotlib's object API on an Agg canvas, no pyplot global state, written through ``etils.epath``.
 
 Metrics also go, on request, to TensorBoard event files (``tb_events``). Every path goes through ``etils.epath``
 (``gs://`` workdirs work). Must not import model/, training/ or data/.
@@ -143,18 +143,24 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class Series:
-    """One line of a panel: ``y`` against ``x``, optionally with a shaded ``y ± band``; ``style`` is matplotlib's."""
+    """One line of a panel: ``y`` against ``x``, optionally with a shaded ``y ± band``; ``style``, ``color``, ``width``
+    and ``alpha`` are matplotlib's (``color`` None: the next colour of the cycle). A label starting with ``_`` stays
+    out of the legend."""
 
     label: str
     x: Sequence[float | int]
     y: Sequence[float | int]
     band: Sequence[float | int] | None = None
     style: str = "-o"
+    color: str | None = None
+    width: float = 1.2
+    alpha: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Panel:
-    """One axes: its series, title and x label; ``ylim``, ``xticks`` and ``log_y`` when wanted."""
+    """One axes: its series, title and x label; ``ylim``, ``xticks`` (with ``xticklabels``) and ``log_y`` when
+    wanted."""
 
     title: str
     series: Sequence[Series]
@@ -162,6 +168,7 @@ class Panel:
     ylim: tuple[float, float] | None = None
     xticks: Sequence[float | int] | None = None
     log_y: bool = False
+    xticklabels: Sequence[str] | None = None
 
 
 def plot_panels(panels: Sequence[Panel], path: str | os.PathLike, *, panel_size: tuple[float, float] = (4.0, 3.2),
@@ -182,7 +189,8 @@ def plot_panels(panels: Sequence[Panel], path: str | os.PathLike, *, panel_size:
     FigureCanvasAgg(fig)
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for series in panel.series:
-            (line,) = ax.plot(series.x, series.y, series.style, lw=1.2, ms=3, label=series.label)
+            (line,) = ax.plot(series.x, series.y, series.style, lw=series.width, ms=3, label=series.label,
+                              color=series.color, alpha=series.alpha)
             if series.band is not None:
                 lo = [a - b for a, b in zip(series.y, series.band, strict=True)]
                 hi = [a + b for a, b in zip(series.y, series.band, strict=True)]
@@ -192,10 +200,10 @@ def plot_panels(panels: Sequence[Panel], path: str | os.PathLike, *, panel_size:
         if panel.ylim is not None:
             ax.set_ylim(*panel.ylim)
         if panel.xticks is not None:
-            ax.set_xticks(list(panel.xticks))
+            ax.set_xticks(list(panel.xticks), None if panel.xticklabels is None else list(panel.xticklabels))
         if panel.log_y:
             ax.set_yscale("log")
-        if len(panel.series) > 1:
+        if len(panel.series) > 1 and any(not x.label.startswith("_") for x in panel.series):
             ax.legend(fontsize=legend_fontsize, loc="best")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -12,8 +12,9 @@ Each checkpoint step holds two items, saved and restored together (MaxText's lay
 Paths go through ``etils.epath`` unchanged (``gs://bucket/run`` reaches Orbax as given; local relative paths are
 made absolute). Saves are asynchronous and atomic: Orbax writes into a temporary folder and renames it when every
 process has finished, and ``latest_step``/``all_steps`` never list an unfinished one, so a kill during a save leaves
-the previous checkpoints as they were. Orbax keeps no checksums of array data (0.12), so :func:`restore_intact`
-checks restored states for finiteness and falls back to older checkpoints. Must not import data/ or ml_collections.
+the previous checkpoints as they were. Orbax keeps no checksums of array data (0.12), so each save records ours in
+the data item (``checkpoint/checksum.py``) and :func:`restore` verifies them; :func:`restore_intact` also checks
+restored states for finiteness and falls back to older checkpoints. Must not import data/ or ml_collections.
 """
 
 import json
@@ -26,11 +27,17 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sammed3d_jax.checkpoint import checksum
 from sammed3d_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 MODEL_CONFIG_FILE = "model_config.json"
+CHECKSUM_KEY = "state_checksums"  # In the data item: one [plain, mixed] pair per state leaf (checksum.py).
+
+
+class DamagedCheckpoint(Exception):
+    """A restored state does not match the checksums recorded when it was saved."""
 
 
 def run_path(path: str | os.PathLike) -> epath.Path:
@@ -97,7 +104,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: d
     Raises:
       OSError: naming the checkpoint folder, when writing fails (this save's start or an earlier async save).
     """
-    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_position or {})}
+    data = {**(data_position or {}), CHECKSUM_KEY: checksum.tree_checksums(state)}
+    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data)}
     try:
         return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
     except Exception as err:  # pylint: disable=broad-except  # Orbax re-raises background failures in many types.
@@ -136,6 +144,10 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int) -> tuple[Any
 
     Returns:
       ``(state, data_position)`` (an empty dict when the checkpoint has no data item).
+
+    Raises:
+      DamagedCheckpoint: the state's arrays differ from the checksums recorded at save (bytes changed on disk).
+      ValueError: the checkpoint does not fit ``target``.
     """
     try:
         restored = manager.restore(int(step), args=ocp.args.Composite(
@@ -143,7 +155,15 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int) -> tuple[Any
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"cannot restore checkpoint {step} from {manager.directory} into the current train state "
                          f"(did the model or optimizer config change?): {_reason(err)}") from err
-    return restored["state"], dict(restored["data"] or {})
+    state, data = restored["state"], dict(restored["data"] or {})
+    expected = data.pop(CHECKSUM_KEY, None)
+    if expected is not None:  # (Checkpoints written before checksums were recorded are not checked.)
+        bad = checksum.mismatches(state, expected)
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise DamagedCheckpoint(f"{len(bad)} of {len(expected)} arrays differ from the checksums written at "
+                                    f"save ({shown})")
+    return state, data
 
 
 def restore_intact(manager: ocp.CheckpointManager, target: Any, is_intact: Callable[[Any], bool]
@@ -169,13 +189,16 @@ def restore_intact(manager: ocp.CheckpointManager, target: Any, is_intact: Calla
     for step in steps:
         try:
             state, data = restore(manager, target, step)
+        except DamagedCheckpoint as err:
+            problems.append(f"step {step}: damaged ({err})")
         except ValueError:
             if not problems:
                 raise  # The newest checkpoint does not fit the config: a config change, not corruption.
             problems.append(f"step {step}: does not restore")
             continue
         except Exception as err:  # pylint: disable=broad-except  # Corrupt files fail in tensorstore, zarr, json...
-            problems.append(f"step {step}: unreadable ({_reason(err)})")
+            reason = _reason(err)
+            problems.append(f"step {step}: unreadable ({reason if len(reason) < 300 else reason[:300] + ' ...'})")
         else:
             if is_intact(state):
                 if problems:

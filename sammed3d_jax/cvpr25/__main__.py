@@ -107,7 +107,7 @@ def _evaluate(args) -> int:
     if not files:
         raise cli.UsageError(f"--cases {args.cases}: no .npz case")
     if args.gts and not os.path.isdir(args.gts) and "://" not in args.gts:
-        raise cli.UsageError(f"--gts {args.gts}: not a folder")
+        raise cli.UsageError(f"--gts {args.gts}: {'not a folder' if os.path.exists(args.gts) else 'does not exist'}")
     out = cli.check_output_path(args.out, inputs=[args.cases] + ([args.gts] if args.gts else []),
                                 overwrite=args.overwrite or args.resume, name="--out", is_dir=True)
     rows, notes = [], {}

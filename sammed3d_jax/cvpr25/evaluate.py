@@ -131,6 +131,8 @@ def write_case_result(out_dir: str | os.PathLike, result: CaseResult) -> None:
 def case_files(cases_dir: str | os.PathLike) -> list[epath.Path]:
     """The ``.npz`` files of a folder, sorted by name (hidden and partial files skipped)."""
     folder = epath.Path(cases_dir)
+    if not folder.exists():
+        raise ValueError(f"{folder}: does not exist")
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder of .npz cases")
     return sorted((p for p in folder.iterdir() if p.name.endswith(".npz") and not p.name.startswith(".")),

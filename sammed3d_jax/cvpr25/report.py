@@ -7,7 +7,7 @@ and the checkpoint's provenance. ``dsc_nsd_vs_step.png`` plots DSC and NSD again
 the mean over cases with a ±1 std band and each case as a thin line.
 
 Owns: ``write_metrics_csv``, ``read_metrics_csv``, ``summarize``, ``plot_steps``, ``format_summary``. Plots through
-matplotlib's object API on an Agg canvas. Must not import jax or the model.
+``writers.plot_panels``. Must not import jax or the model.
 """
 
 import csv
@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from sammed3d_jax.cvpr25.metrics import CSV_COLUMNS, STEPS
-from sammed3d_jax.writers import json_safe
+from sammed3d_jax.writers import Panel, Series, json_safe, plot_panels
 
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "metrics.csv", "summary.json", "dsc_nsd_vs_step.png"
 
@@ -81,30 +81,18 @@ def write_summary(path: str | os.PathLike, summary: Mapping[str, Any]) -> None:
 
 def plot_steps(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
     """DSC and NSD against the step: mean ± std over cases and one thin line per case."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     steps = np.arange(1, STEPS + 1)
-    fig = Figure(figsize=(8.0, 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    for ax, metric, title in zip(fig.subplots(1, 2), ("DSC", "NSD"), ("DSC", "NSD (2 mm)"), strict=True):
+    panels = []
+    for metric, title in (("DSC", "DSC"), ("NSD", "NSD (2 mm)")):
         values = np.asarray([[r[f"{metric}_{s}"] for s in steps] for r in rows], np.float64).reshape(-1, STEPS)
-        for v in values:
-            ax.plot(steps, v, "-", color="0.6", lw=0.6, alpha=0.6)
+        x = steps.tolist()
+        series = [Series("_case", x, v.tolist(), style="-", color="0.6", width=0.6, alpha=0.6) for v in values]
         if len(values):
-            mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, "-o", color="C0", lw=1.8, ms=3, label=f"mean of {len(values)} cases")
-            ax.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.2)
-            ax.legend(fontsize=7, loc="lower right")
-        ax.set_xticks(steps, ["box"] + [f"+{s - 1}" for s in steps[1:]])
-        ax.set_xlabel("step (box, then clicks)")
-        ax.set_title(title)
-        ax.set_ylim(0.0, 1.0)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    epath.Path(path).write_bytes(buf.getvalue())
+            series.append(Series(f"mean of {len(values)} cases", x, values.mean(0).tolist(),
+                                 band=values.std(0).tolist(), color="C0", width=1.8))
+        panels.append(Panel(title, series, xlabel="step (box, then clicks)", ylim=(0.0, 1.0), xticks=x,
+                            xticklabels=["box"] + [f"+{s - 1}" for s in x[1:]]))
+    plot_panels(panels, path, legend_fontsize=7)
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

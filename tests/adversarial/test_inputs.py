@@ -5,6 +5,7 @@ output behind and leaves its inputs unchanged. Where an error message gives a hi
 Small inputs only: every refusal happens before a model is compiled.
 """
 
+import gzip
 import json
 
 import nibabel as nib
@@ -19,6 +20,15 @@ PTH, CONFIG = FIXTURE / "checkpoint.pth", FIXTURE / "config.json"
 def _nifti(path, array):
     nib.save(nib.Nifti1Image(np.asarray(array), np.diag([1.5, 1.5, 1.5, 1.0])), str(path))
     return path
+
+
+def _raw_label(path, shape, affine, payload=b""):
+    """A gzipped NIfTI written byte by byte, so its header may claim anything."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    header.set_sform(affine, code=1)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\x00" * 4 + payload))
 
 
 @pytest.fixture
@@ -117,6 +127,16 @@ def test_eval_of_an_upstream_file_names_the_working_flag_and_reports_skipped_lab
         _nifti(root / "imagesTr" / f"{case}_0000.nii.gz", np.ones((20, 20, 20), np.float32))
     _nifti(root / "labelsTr" / "empty.nii.gz", np.zeros((20, 20, 20), np.uint8))
     _nifti(root / "labelsTr" / "fractional.nii.gz", np.full((20, 20, 20), 0.5, np.float32))
+    # Hostile labels are per-file problems too: a 70-byte header claiming 1100^3 voxels, a NaN affine axis, a
+    # truncated file. Each is skipped with its reason; none aborts the run or allocates what the header claims.
+    for case in ("bomb", "nan_affine", "truncated"):
+        _nifti(root / "imagesTr" / f"{case}_0000.nii.gz", np.ones((20, 20, 20), np.float32))
+    _raw_label(root / "labelsTr" / "bomb.nii.gz", (1100, 1100, 1100), np.eye(4))
+    nan_affine = np.eye(4)
+    nan_affine[1, 1] = np.nan
+    _raw_label(root / "labelsTr" / "nan_affine.nii.gz", (20, 20, 20), nan_affine, bytes(20 ** 3))
+    whole = _nifti(tmp_path / "whole.nii.gz", np.ones((20, 20, 20), np.uint8)).read_bytes()
+    (root / "labelsTr" / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
     before = snapshot([root, PTH])
     out = tmp_path / "report"
     line = assert_refused(_eval("--checkpoint", PTH, "--data", root, "--out", out, cwd=tmp_path),
@@ -124,8 +144,13 @@ def test_eval_of_an_upstream_file_names_the_working_flag_and_reports_skipped_lab
     assert "--config " not in line  # the eval flag, not convert's
     proc = _eval("--checkpoint", PTH, f"--config.model_config={CONFIG}", "--data", root, "--out", out, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "error: no target was scored (0 failed, 2 skipped" in proc.stderr
-    assert "SKIPPED" in proc.stdout and "empty label map: no target voxel" in proc.stdout
+    assert "error: no target was scored (0 failed, 5 skipped" in proc.stderr
+    skipped = {line.split(":")[0].split("/")[-1]: line for line in proc.stdout.splitlines() if "SKIPPED" in line}
+    assert sorted(skipped) == ["bomb.nii.gz", "empty.nii.gz", "fractional.nii.gz", "nan_affine.nii.gz",
+                               "truncated.nii.gz"], proc.stdout
+    assert "empty label map: no target voxel" in skipped["empty.nii.gz"]
+    assert "the header claims shape (1100, 1100, 1100)" in skipped["bomb.nii.gz"]
+    assert "geometry" in skipped["nan_affine.nii.gz"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"]["skipped"] == 2 and summary["checkpoint"]["kind"] == "file"
+    assert summary["counts"]["skipped"] == 5 and summary["checkpoint"]["kind"] == "file"
     assert snapshot([root, PTH]) == before

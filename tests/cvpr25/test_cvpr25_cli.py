@@ -23,7 +23,13 @@ def test_refusals_name_the_argument(tmp_path):
     before = snapshot([cases])
     proc = run_cli(MODULE + ["evaluate", "--cases", str(tmp_path / "nope"), "--checkpoint", "x", "--out",
                              str(tmp_path / "o")])
-    assert_refused(proc, mentions=["nope", "not a folder of .npz cases"], absent=[tmp_path / "o"])
+    assert_refused(proc, mentions=["nope: does not exist"], absent=[tmp_path / "o"])
+    proc = run_cli(MODULE + ["evaluate", "--cases", str(cases / "a.npz"), "--checkpoint", "x", "--out",
+                             str(tmp_path / "o")])
+    assert_refused(proc, mentions=["a.npz: not a folder of .npz cases"], unchanged=before, absent=[tmp_path / "o"])
+    proc = run_cli(MODULE + ["evaluate", "--cases", str(cases), "--gts", str(tmp_path / "no_gts"), "--checkpoint",
+                             "x", "--out", str(tmp_path / "o")])
+    assert_refused(proc, mentions=["--gts", "no_gts: does not exist"], unchanged=before, absent=[tmp_path / "o"])
     proc = run_cli(MODULE + ["evaluate", "--cases", str(cases), "--checkpoint", "x", "--out", str(cases)])
     assert_refused(proc, mentions=["--out", "is an input of this command"], unchanged=before)
     proc = run_cli(MODULE + ["predict", "--inputs", str(cases), "--outputs", str(tmp_path / "o"), "--checkpoint",

@@ -57,8 +57,8 @@ def test_nsd_tolerance_and_stored_spacing_hand_computed():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the package imports scipy's deprecated namespaces
-def test_nsd_matches_deepmind_surface_distance():
-    sd = pytest.importorskip("surface_distance")
+def test_nsd_matches_deepmind_surface_distance(dev_package):
+    sd = dev_package("surface_distance")
     rng = np.random.default_rng(0)
     gts = np.zeros((20, 18, 16), np.uint8)
     gts[4:14, 3:12, 5:11] = 1

@@ -266,17 +266,14 @@ def _header_only(path, shape, dtype=np.float32, affine=None):
 @pytest.mark.parametrize("name", ["bomb.nii.gz", "bomb.nii"])
 def test_header_claiming_more_voxels_than_the_file_holds_is_a_bad_file(tmp_path, shape, name):
     import resource
-    import time
 
     path = _header_only(tmp_path / name, shape)
     assert path.stat().st_size < 400
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
     for read in (read_image, read_label):
         with pytest.raises(DataFileError, match=f"{name}: cannot read voxel data, file truncated or corrupt "
                                                 r"\(the header claims shape"):
             read(path)
-    assert time.perf_counter() - t0 < 2.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 100_000  # KiB: nothing was allocated
 
 

@@ -3,7 +3,6 @@ against DeepMind's surface-distance package (a [dev] dependency: required when C
 
 import importlib
 import math
-import os
 
 import numpy as np
 import pytest
@@ -224,16 +223,9 @@ def test_bad_input_is_named():
 # --- cross-check against the reference package (test-only, when installed) ------------------------------------------
 
 
-def _dev_package(name: str):
-    """A [dev] package: a missing one fails the run when CI=true (the suite must not pass by skipping it)."""
-    if os.environ.get("CI", "").lower() == "true":
-        return importlib.import_module(name)
-    return pytest.importorskip(name)
-
-
 @pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # the package's old scipy namespaces
-def test_matches_surface_distance_package():
-    sd = _dev_package("surface_distance")
+def test_matches_surface_distance_package(dev_package):
+    sd = dev_package("surface_distance")
     lookup_tables = importlib.import_module("surface_distance.lookup_tables")
 
     # The package codes corner (a, b, c) with bit 7 - (4a + 2b + c): the bit-reversed code.

@@ -82,7 +82,7 @@ def full_run(tmp_path_factory, prepared):
     return run, train_and_evaluate(_tiny_config(prepared), str(run))
 
 
-def test_run_writes_everything_and_resume_matches_uninterrupted(tmp_path, prepared, full_run):
+def test_run_writes_everything_and_resume_matches_uninterrupted(tmp_path, prepared, full_run, capsys):
     run, full = full_run
     assert sorted(os.listdir(run / "checkpoints"), key=int) == ["3", "6"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -108,8 +108,14 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(tmp_path, prepar
     config_digest = _digest(part / "config.json")
     with pytest.raises(FileExistsError, match="--resume"):
         train_and_evaluate(_tiny_config(prepared), str(part))
+    capsys.readouterr()
     resumed = train_and_evaluate(_tiny_config(prepared, resume=True), str(part))
     assert int(resumed.step) == 6
+    # The run ends with one summary: steps, final loss and Dice, where checkpoints and params went, what to type next.
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("trained steps")]
+    assert line.startswith("trained steps 4-6 of 6 in ") and "; loss " in line and "; dice_last " in line
+    assert line.endswith(f"checkpoints in {part / 'checkpoints'}; params in {part / 'params'}; "
+                         f"next: python eval.py --checkpoint {part}")
     for a, b in zip(_params(resumed), _params(full)):
         np.testing.assert_array_equal(a, b)
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
@@ -194,6 +200,21 @@ def test_resume_skips_a_damaged_checkpoint_and_needs_one(tmp_path, prepared, ful
     assert sorted(os.listdir(copy / "checkpoints"), key=int) == ["3", "6"]
     for a, b in zip(_params(resumed), _params(full)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_moved_run_and_its_moved_data_resume(tmp_path, prepared, full_run):
+    # Case keys are dataset-relative: the run folder and its prepared store, both moved, continue the same stream.
+    _, full = full_run
+    first = tmp_path / "first"
+    train_and_evaluate(_tiny_config(prepared, stop_after_steps=4), str(first))
+    moved_data, moved_run = tmp_path / "elsewhere" / "prepared", tmp_path / "elsewhere" / "run"
+    shutil.copytree(prepared, moved_data)
+    shutil.move(first, moved_run)
+    resumed = train_and_evaluate(_tiny_config(str(moved_data), resume=True), str(moved_run))
+    for a, b in zip(_params(resumed), _params(full)):
+        np.testing.assert_array_equal(a, b)
+    (record,) = [json.loads(x) for x in (moved_run / "resumes.jsonl").read_text().splitlines()]
+    assert record["step"] == 3 and "data.prepared_dir" in record["changes"]
 
 
 def test_unwritable_checkpoint_folder_fails_at_once(tmp_path, prepared):
