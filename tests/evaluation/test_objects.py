@@ -57,8 +57,9 @@ def test_batched_chains_equal_one_object_decodes(tiny):
     assert more[1] is chains[2]
     # One compiled program per padded batch size (4 served both calls: 3 rows and 2 rows).
     assert dec._user._cache_size() == 2  # sizes 4 and 2
-    with pytest.raises(ValueError, match="exceed the click buffer of 4"):
-        dec.decode_chains([embs[0]], [chains[2]], [[Prompt("click", (1, 1, 1))] * 2])
+    dec.decode_chains([embs[0]], [chains[2]], [[Prompt("click", (1, 1, 1))] * 2])  # 2 + 2 clicks: the buffer's 4
+    with pytest.raises(ValueError, match="5 clicks in one window exceed the click buffer of 4"):
+        dec.decode_chains([embs[0]], [chains[2]], [[Prompt("click", (1, 1, 1))] * 3])
     with pytest.raises(ValueError, match="box prompts need a model with box embeddings"):
         dec.decode_chains([embs[0]], [dec.empty_chain()], [[Prompt("box", (1, 1, 1, 5, 5, 5))]])
 
