@@ -3,7 +3,10 @@
 A synthetic dataset (sammed3d_jax.data.synthetic, 3 targets per case) is generated and prepared in
 <workdir>/data, and the `small` model (64^3 crops, 4^3 token grid) trains from scratch in float32 with the upstream
 click loop (random prompt-less step, last step prompt-less, newest click only), AdamW with the x0.1 groups and
-weight decay 0.1, but without gradient accumulation and with a constant lr so the curves move within minutes.
+weight decay 0.1, but without gradient accumulation and with a warmup + cosine lr so the curves move within minutes.
+Unlike upstream it trains for prompts away from the target's centre, which is how ``predict`` is used: the model has
+the box-corner embeddings (``num_point_embeddings`` 4), crops place the target anywhere it fits
+(``data.target_offset``) and half the samples start from the target's bounding box (``clicks.box_first_step``).
 Derived from configs/common.py by override.
 """
 
@@ -22,12 +25,15 @@ def get_config(arg=None):
     c.model.variant = "small"
     c.model.dtype = "float32"  # CPU: bfloat16 matmuls are emulated and slower.
     c.model.remat_encoder_blocks = False
+    c.model.num_point_embeddings = 4  # Box-capable prompt encoder (clicks + the two box corners).
     c.data.synthetic_cases = a.cases
     c.batch_size = 4
     c.total_steps = a.steps
     c.clicks.max_clicks = 7
     c.clicks.min_clicks = 1
     c.clicks.random_insert = (2, 6)
+    c.data.target_offset = 1.0  # The target anywhere in the crop where it fits whole.
+    c.clicks.box_first_step = 0.5  # Half the samples start from the target's bounding box.
     c.optim.accum_steps = 1
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 20
