@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # Compute dtype; params stay float32.
     c.model.attention_impl = "auto"
     c.model.remat_encoder_blocks = True
+    c.model.num_point_embeddings = 0  # 0: the variant's 2 (released turbo layout); 4: box-capable (clicks + corners).
     c.init_from = ""  # Converted params dir (python -m sammed3d_jax.convert); "" = from scratch.
     c.require_init = False  # True (fine-tuning configs): refuse to start from scratch.
 
@@ -69,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.ct_clip = "modality"
     c.data.min_crop_foreground = 1000
     c.data.flip_axes = (0, 1, 2)
+    c.data.target_offset = 0.0  # Not upstream: > 0 shifts crops off-centre, up to this fraction of the free room.
     c.data.worker_count = 0
     c.data.read_threads = 1
     c.data.prefetch_batches = 2
@@ -87,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.clicks.stop_mask_gradient = False
     c.clicks.threshold = 0.5  # On logits (probability 0.62), as upstream training; 0.0 = probability 0.5.
     c.clicks.remat = True
+    c.clicks.box_first_step = 0.0  # Not upstream: P(first step prompted by the target's box); needs 4 embeddings.
     c.loss = ml_collections.ConfigDict()
     c.loss.use_bce = True  # False = Dice only (upstream's loss under MONAI < 1.3).
 

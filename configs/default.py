@@ -3,7 +3,10 @@
 A synthetic dataset (sammed3d_jax.data.synthetic, 3 targets per case) is generated and prepared in
 <workdir>/data, and the `small` model (64^3 crops, 4^3 token grid) trains from scratch in float32 with the upstream
 click loop (random prompt-less step, last step prompt-less, newest click only), AdamW with the x0.1 groups and
-weight decay 0.1, but without gradient accumulation and with a constant lr so the curves move within minutes.
+weight decay 0.1, but without gradient accumulation and with a warmup + cosine lr so the curves move within minutes.
+Off-centre prompting is off, as upstream trains; README (*Prompts away from the target's centre*) gives the flags
+that turn it on (``model.num_point_embeddings=4``, ``data.target_offset``, ``clicks.box_first_step``) and what they
+did to this demo.
 Derived from configs/common.py by override.
 """
 

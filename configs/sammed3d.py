@@ -6,6 +6,12 @@ weight decay 0.1, 20-step accumulation, MultiStep x0.1 at epochs 120 and 180 of 
 Args (``--config configs/sammed3d.py:arg``): ``runlocal`` shrinks the run to a few CPU-sized steps (same shapes);
 ``dice_only`` drops the BCE term (MONAI < 1.3, as the base model most likely trained);
 ``batch_pooled`` normalises over the batch as upstream training does.
+
+Off-centre prompting stays off here, as upstream trains: crops centred on the target (``data.target_offset`` 0) and
+every first step a click (``clicks.box_first_step`` 0). ``--config.data.target_offset=1.0`` places the target
+anywhere in the crop where it fits whole; ``--config.clicks.box_first_step=0.5`` starts half the samples from the
+target's bounding box (box-capable models only: ``--config.model.num_point_embeddings=4``, e.g. fine-tuning
+``sam_med3d_turbo_bbox_init.pth``).
 """
 
 import os
@@ -19,6 +25,8 @@ import common  # noqa: E402
 def get_config(arg=None):
     a = common.parse_arg(arg, runlocal=False, dice_only=False, batch_pooled=False)
     c = common.base_config()
+    c.data.target_offset = 0.0  # Upstream: the crop is centred on the target's bounding box.
+    c.clicks.box_first_step = 0.0  # Upstream: every interaction starts with a click.
     c.loss.use_bce = not a.dice_only
     if a.batch_pooled:
         c.data.normalization = "batch_pooled"

@@ -21,7 +21,8 @@ accelerator:
    voxels, upstream returns a different random sample; here the other record is drawn from this element's own
    ``np.random.Generator`` (grain ``random_map``), so the result is deterministic. Records whose whole target has
    ``<= min_crop_foreground`` voxels can never pass and are dropped up front. Then the flips: each axis of
-   ``flip_axes`` with p = 0.5.
+   ``flip_axes`` with p = 0.5. Optionally (``target_offset`` > 0; not upstream) the crop is then shifted off-centre
+   by a seeded draw that keeps the target's bounding box inside it (``sampler.offset_range``).
 2. Host (``sampler.WindowReader``): the raw window of every row is copied into one batch buffer, zero padding.
 3. Accelerator (``augment.finish_batch``, first thing in the jitted step): CT clip to [-1000, 1000] where
    ``ct_clip`` (``"modality"``: CT records, as upstream's ``/ct_`` path rule; ``"always"``, ``"never"``),
@@ -32,7 +33,8 @@ A record that cannot be read (missing/truncated array, wrong shape, NaN/inf in t
 z-normalised) is skipped (``on_bad_record="skip"``: logged once, replaced by a redraw, counted in the element's
 ``bad_skipped``) or raises (``"raise"``). Batches (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw
 window), ``label`` uint8 [n,S,S,S] in {0,1}, ``flip`` bool [n,3], ``ct_clip`` bool [n], ``element`` int64 [n]
-(global element index, to derive per-sample keys), ``record`` int32 [n] (index into the prepared index),
+(global element index, to derive per-sample keys), ``offset`` int32 [n,3] (the crop's shift from the centred one,
+voxels), ``record`` int32 [n] (index into the prepared index),
 ``redraws`` / ``bad_skipped`` int32 [n] (draws this sample replaced, for logging).
 
 Validation: ``holdout_fraction`` keeps a deterministic share of cases (by a hash of the dataset and case names,
@@ -144,7 +146,7 @@ def _eligible(store, min_crop_foreground, holdout_fraction, subset):
     return eligible
 
 
-def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes) -> None:
+def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset=0.0) -> None:
     for name, value, allowed in (("normalization", normalization, NORMALIZATIONS), ("ct_clip", ct_clip, CT_CLIP_MODES),
                                  ("on_bad_record", on_bad_record, BAD_RECORD_MODES)):
         if value not in allowed:
@@ -153,6 +155,9 @@ def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes) 
         raise ValueError(f"crop_size must be positive, got {crop_size}")
     if not set(flip_axes) <= {0, 1, 2}:
         raise ValueError(f"flip_axes must be spatial axes 0, 1, 2, got {flip_axes}")
+    if not 0.0 <= target_offset <= 1.0:
+        raise ValueError(f"target_offset must be in [0, 1] (a fraction of the free room around the target), "
+                         f"got {target_offset}")
 
 
 def build_train_dataset(
@@ -169,6 +174,7 @@ def build_train_dataset(
     holdout_fraction: float = 0.0,
     subset: str = "train",
     on_bad_record: str = "skip",
+    target_offset: float = 0.0,
 ) -> tuple[grain.MapDataset, dict[str, Any]]:
     """This process's training batches as a ``grain.MapDataset`` (index-addressable, deterministic, endless).
 
@@ -185,25 +191,27 @@ def build_train_dataset(
     """
     rows = _check_rows(global_batch_size, rows)
     flip_axes = tuple(int(a) for a in flip_axes)
-    _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes)
+    _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset)
     store = _open(prepared_dir, crop_size)
     eligible = _eligible(store, min_crop_foreground, holdout_fraction, subset)
     records = tuple(r for _, r in eligible)
     sampler = CropSampler(
         store=store, records=records, record_ids=tuple(i for i, _ in eligible), crop_size=int(crop_size),
         normalization=normalization, ct_clip=ct_clip, on_bad_record=on_bad_record,
-        min_crop_foreground=int(min_crop_foreground), flip_axes=flip_axes,
+        min_crop_foreground=int(min_crop_foreground), flip_axes=flip_axes, target_offset=float(target_offset),
     )
     # random_map before the row selection: element e's sample is the same on every process layout, and two
     # processes never share an element's random stream.
     elements = EpochShuffle(len(records), int(seed)).random_map(sampler, seed=int(seed))
     ds = GlobalRows(elements, global_batch_size, rows).batch(len(rows), drop_remainder=True)
-    ds = ds.map(WindowReader(store=store, records=records, crop_size=int(crop_size)))
+    ds = ds.map(WindowReader(store=store, records=records, crop_size=int(crop_size), normalization=normalization))
     ids = hashlib.sha1("\n".join(r.id for r in sampler.records).encode()).hexdigest()[:16]
     fingerprint = dict(records=len(sampler.records), record_ids_sha1=ids, seed=int(seed),
                        global_batch_size=int(global_batch_size), crop_size=int(crop_size),
                        normalization=normalization, ct_clip=ct_clip, min_crop_foreground=int(min_crop_foreground),
                        flip_axes=list(flip_axes), holdout_fraction=float(holdout_fraction), subset=subset)
+    if target_offset:  # Only when on, so the fingerprints of runs without it stay as they were.
+        fingerprint["target_offset"] = float(target_offset)
     return ds, fingerprint
 
 
@@ -293,6 +301,7 @@ def build_train_iterator(
     read_threads: int = 1,
     prefetch_batches: int = 2,
     on_bad_record: str = "skip",
+    target_offset: float = 0.0,
 ) -> TrainIterator:
     """This process's share of the global training stream, as a checkpointable ``TrainIterator``.
 
@@ -313,17 +322,20 @@ def build_train_iterator(
             processes. The batches are identical either way.
         read_threads, prefetch_batches: threads and buffered batches of ``to_iter_dataset`` (per process).
         on_bad_record: "skip" (default: log, count, redraw) or "raise".
+        target_offset: in [0, 1]; > 0 shifts each crop off-centre by up to this fraction of the free room around
+            the target (the target's bounding box stays inside; drawn from the element's own generator, so every
+            topology and a resumed run see the same crops). 0 (default): upstream's centred crop.
 
     Returns:
         An iterator of raw batch dicts (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw window, zero
         padded), ``label`` uint8 [n,S,S,S], ``flip`` bool [n,3], ``ct_clip`` bool [n], ``element`` int64 [n] (global
-        element index), ``record`` / ``redraws`` / ``bad_skipped`` int32 [n]. Finish them on the devices with
+        element index), ``offset`` int32 [n,3], ``record`` / ``redraws`` / ``bad_skipped`` int32 [n]. Finish them on the devices with
         ``augment.finish_batch(batch, normalization=...)`` (same ``normalization``) inside the jitted step.
     """
     batches, fingerprint = build_train_dataset(
         source, global_batch_size=global_batch_size, rows=rows, seed=seed, crop_size=crop_size,
         normalization=normalization, ct_clip=ct_clip, min_crop_foreground=min_crop_foreground, flip_axes=flip_axes,
-        holdout_fraction=holdout_fraction, subset=subset, on_bad_record=on_bad_record)
+        holdout_fraction=holdout_fraction, subset=subset, on_bad_record=on_bad_record, target_offset=target_offset)
     return TrainIterator(batches, fingerprint, worker_count=worker_count, read_threads=read_threads,
                          prefetch_batches=prefetch_batches)
 

@@ -1,8 +1,9 @@
 """Per-element random decisions and the batch window reader of the training pipeline (host side only).
 
 Owns ``EpochShuffle`` (the record order: a fresh permutation per epoch), ``CropSampler`` (a Grain ``RandomMap``:
-record index -> which record, how many redraws, which flips) and ``WindowReader`` (a Grain ``Map`` over a batch
-of decisions: reads each crop window into one preallocated batch buffer), plus ``crop_window``. numpy + grain; must not import jax, flax, training/ or the model.
+record index -> which record, how many redraws, which flips, which crop offset) and ``WindowReader`` (a Grain
+``Map`` over a batch of decisions: reads each crop window into one preallocated batch buffer), plus ``crop_window``
+and ``offset_range``. numpy + grain; must not import jax, flax, training/ or the model.
 
 The host does only what needs the store: the redraw rule and the window copy. What a sample's record is and how
 it is flipped are drawn from the element's own ``np.random.Generator`` exactly as when the host did every step
@@ -14,6 +15,14 @@ remembered (``_status``): the first draw of a record reads its window and checks
 ``> min_crop_foreground``; readable; finite; for ``per_volume`` normalisation, more than one voxel ``> 0`` after the
 CT clip with a non-zero standard deviation), later draws of it read nothing. The outcome is the one the host-side
 pipeline reached on every draw; a bad record is logged once and counted in ``bad_skipped`` at every draw.
+
+Off-centre crops (``target_offset`` > 0, off by default): after the flips, one ``rng.random(3)`` draw per element
+shifts the crop by a whole number of voxels per axis, uniform within ``target_offset`` times the free room on each
+side (``offset_range``: the target's bounding box stays inside the crop; an axis on which the target does not fit
+stays centred; a window store's shift also stays inside its stored window). The target voxels in the crop are the
+same as in the centred crop, so the memoised check still holds for them; a shifted image window that cannot be
+z-normalised (``per_volume``) falls back to the centred one (``WindowReader``). With ``target_offset`` 0 nothing
+is drawn and the crops are the centred ones, bit for bit.
 """
 
 import dataclasses
@@ -87,6 +96,54 @@ def crop_window(record: cache.PreparedRecord, crop_size: int) -> transforms.Crop
     return transforms.box_crop_window(record.bbox, record.shape, crop_size)
 
 
+def offset_range(record: cache.PreparedRecord, crop_size: int, window_size: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The inclusive range ``(lo [3], hi [3])`` of crop shifts (voxels, added to the centred crop's start) that keep
+    the record's target bounding box inside the crop; ``lo <= 0 <= hi``.
+
+    An axis on which the target is longer than the crop has range ``[0, 0]`` (the crop stays centred there, so the
+    target voxels in the crop never change). ``window_size``: the stored window edge of a window store (the shifted
+    crop must stay inside ``record.window_start + [0, window_size)``); None for whole-volume stores.
+    """
+    start = crop_window(record, crop_size).start
+    lo, hi = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    for axis, ((first, stop), c) in enumerate(zip(record.bbox, start)):
+        a, b = stop - crop_size - c, first - c
+        if window_size is not None:
+            ws = record.window_start[axis]
+            a, b = max(a, ws - c), min(b, ws + window_size - crop_size - c)
+        if a <= 0 <= b:
+            lo[axis], hi[axis] = a, b
+    return lo, hi
+
+
+def draw_offset(u: np.ndarray, lo: np.ndarray, hi: np.ndarray, fraction: float) -> np.ndarray:
+    """The shift for uniform draws ``u`` in [0, 1) per axis: a uniform integer in ``[ceil(f*lo), floor(f*hi)]``."""
+    a = np.ceil(fraction * lo).astype(np.int64)
+    b = np.floor(fraction * hi).astype(np.int64)
+    return np.minimum(a + np.floor(u * (b - a + 1)).astype(np.int64), b).astype(np.int32)
+
+
+def image_problem(image: np.ndarray, ct_clipped: bool, normalization: str) -> str:
+    """Why an image crop cannot be used ("" when it can): non-finite voxels, or (``per_volume``) fewer than two
+    voxels > 0 after the CT clip, or all of them equal (the unbiased std over them would be 0)."""
+    if not np.isfinite(image).all():
+        return "non-finite voxels in the image crop"
+    if normalization == "per_volume":
+        # The host rule was "unbiased std over x > 0 (after the CT clip) is > 0", which for finite float32
+        # values means at least two voxels > 0 that are not all equal; the clip only lowers values above its
+        # upper bound (negative ones never count).
+        positive = image > 0
+        count = int(np.count_nonzero(positive))
+        lo = float(np.min(image, where=positive, initial=np.inf))
+        hi = float(np.max(image, where=positive, initial=-np.inf))
+        if ct_clipped:
+            lo, hi = min(lo, transforms.CT_CLIP_HU[1]), min(hi, transforms.CT_CLIP_HU[1])
+        if count < 2 or not hi > lo:
+            return f"cannot z-normalise the crop ({count} voxels > 0, all equal)"
+    return ""
+
+
 def clips(record: cache.PreparedRecord, ct_clip: str) -> bool:
     """Whether ``record`` is CT-clipped under the ``ct_clip`` mode ("modality", "always", "never")."""
     return ct_clip == "always" or (ct_clip == "modality" and record.modality.upper() == "CT")
@@ -104,6 +161,8 @@ class CropSampler(grain.transforms.RandomMap):
         normalization, ct_clip, on_bad_record: options as in ``pipeline.build_train_iterator``.
         min_crop_foreground: a crop must hold more target voxels than this.
         flip_axes: spatial axes flipped with probability 0.5 each.
+        target_offset: in [0, 1]: the crop is shifted by up to this fraction of the free room around the target
+            (``offset_range``), drawn after the flips; 0 (default) = the centred crop, nothing drawn.
         max_draws: give up (RuntimeError) after this many unusable draws for one element.
     """
 
@@ -116,6 +175,7 @@ class CropSampler(grain.transforms.RandomMap):
     on_bad_record: str = "skip"
     min_crop_foreground: int = transforms.MIN_CROP_FOREGROUND
     flip_axes: tuple[int, ...] = (0, 1, 2)
+    target_offset: float = 0.0
     max_draws: int = 100
 
     def __post_init__(self):
@@ -138,22 +198,14 @@ class CropSampler(grain.transforms.RandomMap):
             self.store.read_window(record, window, image, label)
         except (ValueError, OSError) as err:
             return BAD, str(err)
-        if not np.isfinite(image).all():
-            return BAD, "non-finite voxels in the image crop"
+        problem = image_problem(image, clips(record, self.ct_clip), "none")
+        if problem:
+            return BAD, problem
         if not transforms.has_enough_foreground(label, self.min_crop_foreground):
             return SMALL, ""
-        if self.normalization == "per_volume":
-            # The host rule was "unbiased std over x > 0 (after the CT clip) is > 0", which for finite float32
-            # values means at least two voxels > 0 that are not all equal; the clip only lowers values above its
-            # upper bound (negative ones never count).
-            positive = image > 0
-            count = int(np.count_nonzero(positive))
-            lo = float(np.min(image, where=positive, initial=np.inf))
-            hi = float(np.max(image, where=positive, initial=-np.inf))
-            if clips(record, self.ct_clip):
-                lo, hi = min(lo, transforms.CT_CLIP_HU[1]), min(hi, transforms.CT_CLIP_HU[1])
-            if count < 2 or not hi > lo:
-                return BAD, f"cannot z-normalise the crop ({count} voxels > 0, all equal)"
+        problem = image_problem(image, clips(record, self.ct_clip), self.normalization)
+        if problem:
+            return BAD, problem
         return OK, ""
 
     def status(self, index: int) -> str:
@@ -190,12 +242,17 @@ class CropSampler(grain.transforms.RandomMap):
         flip = np.zeros(3, bool)
         for axis, u in zip(self.flip_axes, rng.random(len(self.flip_axes))):
             flip[axis] = u < 0.5
+        offset = np.zeros(3, np.int32)
+        if self.target_offset > 0:
+            lo, hi = offset_range(self.records[index], self.crop_size, getattr(self.store, "window_size", None))
+            offset = draw_offset(rng.random(3), lo, hi, self.target_offset)
         return {
             "slot": np.array(index, np.int64),
             "record": np.array(self.record_ids[index], np.int32),
             "redraws": np.array(redraws, np.int32),
             "bad_skipped": np.array(bad, np.int32),
             "flip": flip,
+            "offset": offset,
             "ct_clip": np.array(clips(self.records[index], self.ct_clip)),
         }
 
@@ -206,16 +263,22 @@ class WindowReader(grain.transforms.Map):
 
     Each window is copied once from the store into the batch buffer (zero where it leaves the volume); the raw
     window, unclipped, unnormalised and unflipped. A ``slot`` of -1 marks a padding row (zeros). Buffers come
-    from a ``store.BufferPool``, reused once the consumer has dropped an earlier batch.
+    from a ``store.BufferPool``, reused once the consumer has dropped an earlier batch. A row with a nonzero
+    ``offset`` (int32 [n,3], optional) reads the shifted window; if that image cannot be used (``image_problem``
+    under ``normalization``), the centred one is read instead and the row's ``offset`` is set to 0.
     """
 
     store: Any
     records: tuple[cache.PreparedRecord, ...]
     crop_size: int
+    normalization: str = "per_volume"
     buffers: store_lib.BufferPool = dataclasses.field(default_factory=store_lib.BufferPool, compare=False)
 
     def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         slots = batch.pop("slot")
+        offsets = batch.get("offset")
+        if offsets is not None:
+            offsets = batch["offset"] = np.array(offsets, np.int32)
         n, s = len(slots), self.crop_size
         image = self.buffers.take((n, s, s, s, 1), np.float32)
         label = self.buffers.take((n, s, s, s), np.uint8)
@@ -225,5 +288,15 @@ class WindowReader(grain.transforms.Map):
                 label[i] = 0
                 continue
             record = self.records[slot]
-            self.store.read_window(record, crop_window(record, s), image[i, ..., 0], label[i])
+            window = crop_window(record, s)
+            if offsets is not None and offsets[i].any():
+                shifted = dataclasses.replace(window, start=tuple(int(a + d) for a, d in zip(window.start, offsets[i])))
+                self.store.read_window(record, shifted, image[i, ..., 0], label[i])
+                problem = image_problem(image[i, ..., 0], bool(batch["ct_clip"][i]), self.normalization)
+                if not problem:
+                    continue
+                log.info("%s: the offset crop %s is unusable (%s); using the centred crop", record.id,
+                         offsets[i].tolist(), problem)
+                offsets[i] = 0
+            self.store.read_window(record, window, image[i, ..., 0], label[i])
         return {**batch, "image": image, "label": label}

@@ -293,7 +293,7 @@ def evaluate(config, checkpoint: str, data: Sequence[str] | None, out: str,
             decoder = ObjectDecoder.from_model(loaded.variables, loaded.cfg, max_prompts=options.max_prompts)
             rules = sorted({inference.click_rule(options.click_mode, t) for t in range(options.click_counts[-1])})
             sizes = {len(g) for g in group_cases(records)[: config.max_cases or None]}
-            decoder.warmup(sizes, rules if options.crop == "target" else ())
+            decoder.warmup(sorted(sizes), rules if options.crop == "target" else ())
         info = {"checkpoint": loaded.describe(), "data": [os.path.abspath(d) for d in data],
                 "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
         summary = evaluate_records(decoder, records, options, out, problems=problems, info=info,

@@ -37,6 +37,7 @@ class DataSettings:
     worker_count: int = 0
     read_threads: int = 1
     prefetch_batches: int = 2
+    target_offset: float = 0.0
 
 
 def to_step_input(host: dict[str, np.ndarray], stop: bool) -> dict[str, np.ndarray]:
@@ -71,7 +72,8 @@ class DataFeed:
             source, global_batch_size=global_batch, rows=self.rows, seed=s.seed, crop_size=s.crop_size,
             normalization=s.normalization, ct_clip=s.ct_clip, min_crop_foreground=s.min_crop_foreground,
             flip_axes=tuple(s.flip_axes), holdout_fraction=s.holdout_fraction, subset="train",
-            worker_count=s.worker_count, read_threads=s.read_threads, prefetch_batches=s.prefetch_batches)
+            worker_count=s.worker_count, read_threads=s.read_threads, prefetch_batches=s.prefetch_batches,
+            target_offset=s.target_offset)
 
     def position(self) -> dict[str, Any]:
         """The data position to store in a checkpoint (global, topology-free)."""

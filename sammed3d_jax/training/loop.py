@@ -335,7 +335,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
             seed=config.seed, crop_size=run.model_cfg.image_size, normalization=d.normalization, ct_clip=d.ct_clip,
             min_crop_foreground=d.min_crop_foreground, flip_axes=tuple(d.flip_axes),
             holdout_fraction=config.validation.holdout_fraction, worker_count=d.worker_count,
-            read_threads=d.read_threads, prefetch_batches=d.prefetch_batches)
+            read_threads=d.read_threads, prefetch_batches=d.prefetch_batches,
+            target_offset=float(d.get("target_offset", 0.0)))
         feed = data_feed.DataFeed(run.prepared, settings, run.mesh, config.batch_size)
         if start:
             feed.restore(position, start)

@@ -45,7 +45,7 @@ def step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
         max_clicks=c.max_clicks, min_clicks=c.min_clicks, random_insert=tuple(c.random_insert),
         prompt_less_last=c.prompt_less_last, accumulate_clicks=c.accumulate, stop_mask_gradient=c.stop_mask_gradient,
         use_bce=config.loss.use_bce, click_threshold=c.threshold, remat_clicks=c.remat,
-        normalization=config.data.normalization)
+        normalization=config.data.normalization, box_first_step=float(c.get("box_first_step", 0.0)))
 
 
 def validation_step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
@@ -107,6 +107,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be in [0, 1), got {config.validation.holdout_fraction}")
     _check(p, not config.validation.every_steps or config.validation.holdout_fraction > 0,
            "validation.holdout_fraction", "must be > 0 when validation.every_steps is set (no held-out cases)")
+    offset = float(config.data.get("target_offset", 0.0))
+    _check(p, 0.0 <= offset <= 1.0, "data.target_offset", f"must be in [0, 1] (a fraction of the free room around "
+           f"the target; 0 = upstream's centred crop), got {offset}")
     profile = tuple(config.profile_steps)
     _check(p, profile == () or (len(profile) == 2 and 1 <= profile[0] <= profile[1]), "profile_steps",
            f"must be () or (first, last) with 1 <= first <= last, got {profile}")
@@ -117,12 +120,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if p:
         raise ValueError("bad config: " + "; ".join(p))
     try:  # The typed configs check the rest (variant names, click ranges, schedules, regexes).
-        model_config(config)
-        step_config(config)
+        model_cfg = model_config(config)
+        step_cfg = step_config(config)
         optim_config(config, 1, max(config.total_steps, 1))
         distributed_options(config)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"bad config: {' '.join(str(err).split())}") from err
+    if step_cfg.box_first_step > 0 and not model_cfg.supports_boxes:
+        raise ValueError(f"bad config: --config.clicks.box_first_step={step_cfg.box_first_step} needs a box-capable "
+                         f"model (--config.model.num_point_embeddings=4); this model has "
+                         f"{model_cfg.num_point_embeddings} point embeddings")
 
 
 def flat_keys(config: Any, prefix: str = "") -> list[str]:

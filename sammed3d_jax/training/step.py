@@ -10,6 +10,11 @@ Randomness: the step-level draws (click count, the random prompt-less step) come
 the sample's global index in the data stream, so a sample gets the same clicks on any number of processes or devices
 and in any batch row. Where this differs from upstream is tabulated in ``docs/training_vs_upstream.md``.
 
+Box-prompted first step (``box_first_step`` > 0, box-capable models only; not upstream's training): each sample, with
+that probability (drawn from its own key), starts from its target's bounding box in the crop instead of a click;
+later steps click as usual (the box stays in the prompt only with ``accumulate_clicks``, where every prompt so far is
+fed). Rows without a box decode with ``box_present`` False, exactly as without boxes, so one program serves both.
+
 Must not import data/pipeline code or ml_collections; it imports the model, ``data.clicks`` and ``data.augment``
 (jnp only) and optax.
 """
@@ -52,6 +57,8 @@ class StepConfig:
       remat_clicks: rematerialise the scan body in the backward pass (memory: only the carry is stored per click).
       normalization: z-normalisation of raw batches (``"per_volume"``, ``"batch_pooled"`` over the global batch,
         ``"none"``), applied on device by :func:`model_input`.
+      box_first_step: probability per sample that the first step is prompted with the target's bounding box instead
+        of a click (0: never, the program has no box inputs; needs a model with ``num_point_embeddings == 4``).
     """
 
     max_clicks: int = 11
@@ -64,6 +71,7 @@ class StepConfig:
     click_threshold: float = 0.5
     remat_clicks: bool = True
     normalization: str = "per_volume"
+    box_first_step: float = 0.0
 
     def __post_init__(self):
         if not 1 <= self.min_clicks <= self.max_clicks:
@@ -71,6 +79,8 @@ class StepConfig:
         if self.random_insert and (len(self.random_insert) != 2 or self.random_insert[0] > self.random_insert[1]):
             raise ValueError(f"random_insert must be () or an inclusive (lo, hi), lo <= hi; got {self.random_insert}")
         object.__setattr__(self, "random_insert", tuple(int(v) for v in self.random_insert))
+        if not 0.0 <= self.box_first_step <= 1.0:
+            raise ValueError(f"box_first_step is a probability in [0, 1], got {self.box_first_step}")
 
 
 def draw_interaction(key: jax.Array, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
@@ -96,6 +106,33 @@ def draw_interaction(key: jax.Array, cfg: StepConfig) -> tuple[jax.Array, jax.Ar
 def sample_keys(sample_root: jax.Array, element: jax.Array) -> jax.Array:
     """One PRNG key per sample, ``fold_in(sample_root, element)``, from the samples' global stream indices."""
     return jax.vmap(lambda e: jax.random.fold_in(sample_root, e))(element.astype(jnp.uint32))
+
+
+# fold_in index of a sample's box draw: far above any click step index, so the click draws never change.
+BOX_STREAM = 0x7B0C5
+
+
+def target_boxes(gt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Bounding boxes of the targets: ``gt`` bool [b,S,S,S] -> (``boxes`` f32 [b,6] = (d0min, d1min, d2min, d0max,
+    d1max, d2max), inclusive voxel indices of the crop in point order; ``present`` bool [b], False (box all 0) for
+    an empty target)."""
+    size = gt.shape[1]
+    index = jnp.arange(size, dtype=jnp.int32)
+    lo, hi = [], []
+    for axis in (1, 2, 3):
+        occupied = jnp.any(gt, axis=tuple(a for a in (1, 2, 3) if a != axis))  # [b, S]
+        lo.append(jnp.min(jnp.where(occupied, index, size), axis=1))
+        hi.append(jnp.max(jnp.where(occupied, index, -1), axis=1))
+    present = jnp.any(gt, axis=(1, 2, 3))
+    boxes = jnp.where(present[:, None], jnp.stack(lo + hi, axis=1), 0).astype(jnp.float32)
+    return boxes, present
+
+
+def box_rows(keys: jax.Array, present: jax.Array, probability: float) -> jax.Array:
+    """Which samples start from a box: bool [b], each drawn with ``probability`` from ``fold_in(key, BOX_STREAM)``
+    and only where the target is not empty."""
+    draw = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, BOX_STREAM), probability))(keys)
+    return draw & present
 
 
 def _click_per_sample(keys: jax.Array, s: jax.Array, gt: jax.Array, pred: jax.Array):
@@ -125,8 +162,11 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, n
     Returns:
       ``(loss, aux)``: the float32 summed loss and ``{"dice_per_click": f32 [max_clicks] (batch mean, NaN where
       inactive), "dice_per_sample": f32 [max_clicks, b], "loss_per_click": f32 [max_clicks] (0 where inactive),
-      "prompt_less": bool [max_clicks]}``.
+      "prompt_less": bool [max_clicks]}`` (plus ``"box_rows": bool [b]`` when ``cfg.box_first_step`` > 0).
     """
+    if cfg.box_first_step > 0 and not model.cfg.supports_boxes:
+        raise ValueError("box_first_step needs a model with num_point_embeddings=4 (box-corner embeddings); "
+                         "this model has 2")
     variables = {"params": params, "buffers": buffers}
     image, gt = batch["image"], batch["label"] > 0
     b, size = image.shape[0], image.shape[1]
@@ -139,9 +179,15 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, n
     n_buf = cfg.max_clicks if cfg.accumulate_clicks else 1
     buf_pts = jnp.zeros((b, n_buf, 3), jnp.float32)
     buf_lbl = jnp.full((b, n_buf), ABSENT, jnp.int32)
+    if cfg.box_first_step > 0:
+        boxes, present = target_boxes(gt)
+        has_box = box_rows(keys, present, cfg.box_first_step)
 
     def active_step(carry, s):
         low, pt, lb, buf_pts, buf_lbl = carry
+        box_kwargs = {}
+        if cfg.box_first_step > 0:
+            lb = jnp.where((s == 0) & has_box, ABSENT, lb)  # the box replaces these rows' first click
         if cfg.accumulate_clicks:
             buf_pts = buf_pts.at[:, s].set(pt.astype(jnp.float32))
             buf_lbl = buf_lbl.at[:, s].set(lb.astype(jnp.int32))
@@ -152,9 +198,14 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, n
         if cfg.prompt_less_last:
             prompt_less |= s == num_clicks - 1
         labels = jnp.where(prompt_less, ABSENT, buf_lbl)
+        if cfg.box_first_step > 0:
+            box_now = has_box & ~prompt_less
+            if not cfg.accumulate_clicks:
+                box_now &= s == 0
+            box_kwargs = {"boxes": boxes, "box_present": box_now}
         mask_in = jax.lax.stop_gradient(low) if cfg.stop_mask_gradient else low
         new_low, _ = model.apply(variables, emb, buf_pts, labels, mask_in, multimask_output=False,
-                                 method=Sam3D.decode)
+                                 method=Sam3D.decode, **box_kwargs)
         new_low = new_low.astype(jnp.float32)
         full = upsample_logits(new_low, size)[..., 0]
         loss = losses.dice_ce_loss(full, gt, cfg.use_bce)
@@ -175,9 +226,11 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, n
     carry0 = (low0, pt0, lb0, buf_pts, buf_lbl)
     _, (loss_per_click, dice_per_sample, prompt_less) = jax.lax.scan(
         body, carry0, jnp.arange(cfg.max_clicks, dtype=jnp.int32))
-    return jnp.sum(loss_per_click), {"dice_per_click": jnp.mean(dice_per_sample, axis=1),
-                                     "dice_per_sample": dice_per_sample, "loss_per_click": loss_per_click,
-                                     "prompt_less": prompt_less}
+    aux = {"dice_per_click": jnp.mean(dice_per_sample, axis=1), "dice_per_sample": dice_per_sample,
+           "loss_per_click": loss_per_click, "prompt_less": prompt_less}
+    if cfg.box_first_step > 0:
+        aux["box_rows"] = has_box
+    return jnp.sum(loss_per_click), aux
 
 
 def model_input(batch: Batch, normalization: str) -> tuple[Batch, jax.Array]:
@@ -239,6 +292,7 @@ def train_step(state: TrainState, batch: Batch, train_key: jax.Array, *, model: 
         "skipped_now": skipped_now,
         "skipped": new_state.skipped,
         "degenerate_rows": degenerate,
+        **({"box_first_rows": jnp.sum(aux["box_rows"], dtype=jnp.int32)} if "box_rows" in aux else {}),
         "stop": jnp.max(batch["stop"]).astype(jnp.int32) if "stop" in batch else jnp.zeros((), jnp.int32),
     }
     return new_state, metrics
