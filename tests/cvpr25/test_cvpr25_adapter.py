@@ -8,6 +8,7 @@ import standins
 
 from sammed3d_jax.cvpr25.adapter import ChallengePredictor, NoBoxEmbeddingsError, has_box_embeddings, window_starts
 from sammed3d_jax.cvpr25.cases import Box, ClassPrompts
+from sammed3d_jax.evaluation.objects import Prompt
 from sammed3d_jax.model.config import ModelConfig
 
 SHAPE = (20, 40, 36)  # (z, y, x)
@@ -148,10 +149,11 @@ def test_box_prompt_through_a_box_capable_model():
     assert has_box_embeddings(cfg) and pred.box_prompt == "box"
     roi = np.random.default_rng(2).normal(size=(32, 32, 32)).astype(np.float32)
     box6 = np.array([3.0, 5.0, 7.0, 20.0, 22.0, 24.0])
-    inter = pred.segmenter.start(roi)
-    got = pred._replay_box(inter, box6, [])
+    emb = pred.decoder.encode(roi)
+    (chain,) = pred.decoder.decode_chains([emb], [pred.decoder.empty_chain()], [[Prompt("box", tuple(box6))]])
+    got = chain.logits
     model = Sam3D(cfg)
-    low, _ = model.apply(variables, inter.embedding, None, None, jnp.zeros((1, 16, 16, 16, 1)),
+    low, _ = model.apply(variables, emb, None, None, jnp.zeros((1, 16, 16, 16, 1)),
                          boxes=jnp.asarray(box6[None], jnp.float32), method=Sam3D.decode)  # upstream's box-only call
     np.testing.assert_allclose(got, np.asarray(upsample_logits(low, 32))[0, ..., 0], atol=1e-5)
     segs = pred.predict_case(_image(), ISO, [ClassPrompts(BOX1, (((8, 14, 12), True),))])
