@@ -139,18 +139,26 @@ def main() -> None:
                 print(f"  FAILED (exit {proc.returncode}):\n{tail}", flush=True)
                 results.append({"clicks": clicks, "batch": args.batch, "scan_blocks": scan == "on",
                                 "error": tail[-500:]})
-                continue
-            results.append(json.loads(lines[-1][len("RESULT "):]))
+            else:
+                results.append(json.loads(lines[-1][len("RESULT "):]))
+                print(f"  compile {results[-1]['compile_s']:.1f} s wall, {results[-1]['compile_cpu_s']:.1f} s CPU",
+                      flush=True)
+            if args.json:  # After every configuration, so that a time limit loses only the one running.
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=2)
     ok = [r for r in results if "error" not in r]
     if args.compile_only:
         for r in results:
             print(f"clicks {r['clicks']:>3}  scan {'on ' if r['scan_blocks'] else 'off'}  "
                   + (f"compile {r['compile_s']:.1f} s wall, {r['compile_cpu_s']:.1f} s CPU" if "error" not in r
                      else "FAILED"))
-        if len(ok) == 2 and ok[0]["clicks"] == ok[1]["clicks"]:
-            print(f"scan speeds compilation up {ok[0]['compile_s'] / ok[1]['compile_s']:.2f}x (wall), "
-                  f"{ok[0]['compile_cpu_s'] / ok[1]['compile_cpu_s']:.2f}x (CPU); load average "
-                  f"{os.getloadavg()[0]:.1f}")
+        for clicks in dict.fromkeys(r["clicks"] for r in ok):
+            pair = {r["scan_blocks"]: r for r in ok if r["clicks"] == clicks}
+            if len(pair) == 2:
+                off, on = pair[False], pair[True]
+                print(f"clicks {clicks}: scan speeds compilation up {off['compile_s'] / on['compile_s']:.2f}x (wall), "
+                      f"{off['compile_cpu_s'] / on['compile_cpu_s']:.2f}x (CPU)")
+        print(f"load average {os.getloadavg()[0]:.1f}")
         sys.exit(0 if len(ok) == len(results) else 1)
     if ok:
         print(f"\ndevice: {ok[0]['device']}, jax {ok[0]['jax']}, host {platform.node()}; {args.variant} "
@@ -163,9 +171,6 @@ def main() -> None:
         else:
             print(f"{r['clicks']:>6} {r['batch']:>5} {scan:>5} {r['step_s_median']:>9.4f} {r['samples_per_s']:>10.2f} "
                   f"{r['peak_gib']:>9.2f} {r['compile_s']:>10.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
     if len(ok) < len(results):
         sys.exit(1)
 
