@@ -47,7 +47,8 @@ def run_one(args) -> dict:
     # The loop's own set-up: state shardings, jitted init and the donated train step.
     setup = setup_lib.build(cfg, optim.OptimConfig(accum_steps=20),
                             step_lib.StepConfig(max_clicks=args.clicks, min_clicks=args.clicks), mesh)
-    state = setup.init(jax.random.key(0))
+    # Compile-only: the abstract state (shapes and shardings) is all that lowering needs; no weights are made.
+    state = setup.restore_target() if args.compile_only else setup.init(jax.random.key(0))
     fn = setup.train_step
     s, b = cfg.image_size, args.batch
     batch = setup_lib.place_batch(setup_lib.synthetic_batch(b, s), mesh)
