@@ -45,8 +45,10 @@ def run_one(args) -> dict:
     cfg = resolve_attention_impl(cfg, jax.default_backend())
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     # The loop's own set-up: state shardings, jitted init and the donated train step.
+    options = json.loads(args.compiler_options) if args.compiler_options else None
     setup = setup_lib.build(cfg, optim.OptimConfig(accum_steps=20),
-                            step_lib.StepConfig(max_clicks=args.clicks, min_clicks=args.clicks), mesh)
+                            step_lib.StepConfig(max_clicks=args.clicks, min_clicks=args.clicks), mesh,
+                            compiler_options=options)
     # Compile-only: the abstract state (shapes and shardings) is all that lowering needs; no weights are made.
     state = setup.restore_target() if args.compile_only else setup.init(jax.random.key(0))
     fn = setup.train_step
@@ -60,7 +62,7 @@ def run_one(args) -> dict:
     compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     if args.compile_only:
         return {"variant": args.variant, "image_size": s, "batch": b, "clicks": args.clicks, "dtype": args.dtype,
-                "scan_blocks": cfg.scan_encoder_blocks, "compile_s": round(compile_s, 2),
+                "scan_blocks": cfg.scan_encoder_blocks, "compiler_options": options, "compile_s": round(compile_s, 2),
                 "compile_cpu_s": round(compile_cpu_s, 2), "device": jax.default_backend(),
                 "jax": jax.__version__}
     t0 = time.perf_counter()
@@ -108,6 +110,8 @@ def main() -> None:
     parser.add_argument("--scan", choices=["both", "on", "off"], default="both",
                         help="encoder blocks as a scan over block groups, unrolled, or both (compile-time comparison)")
     parser.add_argument("--compile-only", action="store_true", help="only trace and compile the step (compile times)")
+    parser.add_argument("--compiler-options", help="XLA options of the step as JSON, e.g. configs/default.py's CPU "
+                        "'{\"xla_backend_optimization_level\": 1, \"xla_llvm_disable_expensive_passes\": true}'")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)  # Internal: run one config here.
     args = parser.parse_args()
@@ -129,7 +133,8 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--_one", "--mode", args.mode, "--variant",
                    args.variant, "--batch", str(args.batch), "--clicks", str(clicks), "--dtype", args.dtype,
                    "--steps", str(args.steps), "--attention", args.attention, "--scan", scan
-                   ] + (["--no-remat-encoder"] if args.no_remat_encoder else []) + (
+                   ] + (["--compiler-options", args.compiler_options] if args.compiler_options else []) + (
+                       ["--no-remat-encoder"] if args.no_remat_encoder else []) + (
                        ["--compile-only"] if args.compile_only else [])
             print(f"running {args.variant} batch {args.batch} clicks {clicks} {args.dtype} scan {scan} ...",
                   flush=True)
