@@ -186,6 +186,7 @@ def write_outputs(rows: list[dict], out: str) -> tuple[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     from etils import epath
 
     out = epath.Path(out)
@@ -203,8 +204,13 @@ def write_outputs(rows: list[dict], out: str) -> tuple[str, str]:
             ax.scatter([r["params"] for r in sel], [r[key] for r in sel], label=f"remat {remat}")
             for r in sel:
                 ax.annotate(f"{r['variant']}@{r['image_size']} b{r['batch']}", (r["params"], r[key]), fontsize=7)
+    params = [r["params"] for r in ok]
     for ax, title in zip(axes, ("samples/s", "peak memory (GiB)")):
-        ax.set_xscale("log")
+        if params and max(params) > 10 * min(params):  # A log axis only where it spans a decade or more.
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e6:g}M"))
         ax.set_xlabel("parameters")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -220,7 +226,7 @@ def write_outputs(rows: list[dict], out: str) -> tuple[str, str]:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'variant':>10} {'size':>4} {'b':>3} {'remat':>22} {'compile s':>9} {'step s':>8} {'samples/s':>9} "
-            f"{'peak GiB':>8} {'GFLOP/s xla':>11} {'analytic':>9} {'MFU xla':>7} {'MFU an.':>7}  status")
+            f"{'peak GiB':>8} {'GFLOP xla':>11} {'analytic':>9} {'MFU xla':>7} {'MFU an.':>7}  status")
     lines = [head]
     for r in rows:
         if r.get("status") != "ok":
@@ -266,8 +272,9 @@ def main() -> int:
     rows = []
     for job in jobs:
         left = deadline - time.monotonic()
-        base = {"variant": _parse_variant(job["variant"])[0], "batch": job["batch"], "remat": job["remat"],
-                "scan": job["scan"], "dtype": dtype, "clicks": job["clicks"]}
+        name, size = _parse_variant(job["variant"])
+        base = {"variant": name, **({"image_size": size} if size else {}), "batch": job["batch"],
+                "remat": job["remat"], "scan": job["scan"], "dtype": dtype, "clicks": job["clicks"]}
         if left < 5:
             rows.append(base | {"status": "skipped", "reason": f"--max-minutes {args.max_minutes} reached"})
             continue

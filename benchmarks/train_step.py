@@ -45,9 +45,12 @@ def run_one(args) -> dict:
     cfg = resolve_attention_impl(cfg, jax.default_backend())
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     # The loop's own set-up: state shardings, jitted init and the donated train step.
+    options = json.loads(args.compiler_options) if args.compiler_options else None
     setup = setup_lib.build(cfg, optim.OptimConfig(accum_steps=20),
-                            step_lib.StepConfig(max_clicks=args.clicks, min_clicks=args.clicks), mesh)
-    state = setup.init(jax.random.key(0))
+                            step_lib.StepConfig(max_clicks=args.clicks, min_clicks=args.clicks), mesh,
+                            compiler_options=options)
+    # Compile-only: the abstract state (shapes and shardings) is all that lowering needs; no weights are made.
+    state = setup.restore_target() if args.compile_only else setup.init(jax.random.key(0))
     fn = setup.train_step
     s, b = cfg.image_size, args.batch
     batch = setup_lib.place_batch(setup_lib.synthetic_batch(b, s), mesh)
@@ -59,7 +62,7 @@ def run_one(args) -> dict:
     compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     if args.compile_only:
         return {"variant": args.variant, "image_size": s, "batch": b, "clicks": args.clicks, "dtype": args.dtype,
-                "scan_blocks": cfg.scan_encoder_blocks, "compile_s": round(compile_s, 2),
+                "scan_blocks": cfg.scan_encoder_blocks, "compiler_options": options, "compile_s": round(compile_s, 2),
                 "compile_cpu_s": round(compile_cpu_s, 2), "device": jax.default_backend(),
                 "jax": jax.__version__}
     t0 = time.perf_counter()
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--scan", choices=["both", "on", "off"], default="both",
                         help="encoder blocks as a scan over block groups, unrolled, or both (compile-time comparison)")
     parser.add_argument("--compile-only", action="store_true", help="only trace and compile the step (compile times)")
+    parser.add_argument("--compiler-options", help="XLA options of the step as JSON, e.g. configs/default.py's CPU "
+                        "'{\"xla_backend_optimization_level\": 1, \"xla_llvm_disable_expensive_passes\": true}'")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)  # Internal: run one config here.
     args = parser.parse_args()
@@ -128,7 +133,8 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--_one", "--mode", args.mode, "--variant",
                    args.variant, "--batch", str(args.batch), "--clicks", str(clicks), "--dtype", args.dtype,
                    "--steps", str(args.steps), "--attention", args.attention, "--scan", scan
-                   ] + (["--no-remat-encoder"] if args.no_remat_encoder else []) + (
+                   ] + (["--compiler-options", args.compiler_options] if args.compiler_options else []) + (
+                       ["--no-remat-encoder"] if args.no_remat_encoder else []) + (
                        ["--compile-only"] if args.compile_only else [])
             print(f"running {args.variant} batch {args.batch} clicks {clicks} {args.dtype} scan {scan} ...",
                   flush=True)
@@ -139,18 +145,26 @@ def main() -> None:
                 print(f"  FAILED (exit {proc.returncode}):\n{tail}", flush=True)
                 results.append({"clicks": clicks, "batch": args.batch, "scan_blocks": scan == "on",
                                 "error": tail[-500:]})
-                continue
-            results.append(json.loads(lines[-1][len("RESULT "):]))
+            else:
+                results.append(json.loads(lines[-1][len("RESULT "):]))
+                print(f"  compile {results[-1]['compile_s']:.1f} s wall, {results[-1]['compile_cpu_s']:.1f} s CPU",
+                      flush=True)
+            if args.json:  # After every configuration, so that a time limit loses only the one running.
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=2)
     ok = [r for r in results if "error" not in r]
     if args.compile_only:
         for r in results:
             print(f"clicks {r['clicks']:>3}  scan {'on ' if r['scan_blocks'] else 'off'}  "
                   + (f"compile {r['compile_s']:.1f} s wall, {r['compile_cpu_s']:.1f} s CPU" if "error" not in r
                      else "FAILED"))
-        if len(ok) == 2 and ok[0]["clicks"] == ok[1]["clicks"]:
-            print(f"scan speeds compilation up {ok[0]['compile_s'] / ok[1]['compile_s']:.2f}x (wall), "
-                  f"{ok[0]['compile_cpu_s'] / ok[1]['compile_cpu_s']:.2f}x (CPU); load average "
-                  f"{os.getloadavg()[0]:.1f}")
+        for clicks in dict.fromkeys(r["clicks"] for r in ok):
+            pair = {r["scan_blocks"]: r for r in ok if r["clicks"] == clicks}
+            if len(pair) == 2:
+                off, on = pair[False], pair[True]
+                print(f"clicks {clicks}: scan speeds compilation up {off['compile_s'] / on['compile_s']:.2f}x (wall), "
+                      f"{off['compile_cpu_s'] / on['compile_cpu_s']:.2f}x (CPU)")
+        print(f"load average {os.getloadavg()[0]:.1f}")
         sys.exit(0 if len(ok) == len(results) else 1)
     if ok:
         print(f"\ndevice: {ok[0]['device']}, jax {ok[0]['jax']}, host {platform.node()}; {args.variant} "
@@ -163,9 +177,6 @@ def main() -> None:
         else:
             print(f"{r['clicks']:>6} {r['batch']:>5} {scan:>5} {r['step_s_median']:>9.4f} {r['samples_per_s']:>10.2f} "
                   f"{r['peak_gib']:>9.2f} {r['compile_s']:>10.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
     if len(ok) < len(results):
         sys.exit(1)
 
