@@ -39,6 +39,7 @@ def test_batched_chains_equal_one_object_decodes(tiny):
     cfg, variables = tiny
     s = cfg.image_size
     dec = ObjectDecoder.from_model(variables, cfg, max_prompts=4, max_batch=4)
+    compiled_before = dec._user._cache_size()  # The jitted steps are shared per config: other tests may have run them.
     rng = np.random.default_rng(1)
     embs = [dec.encode(rng.normal(size=(s, s, s)).astype(np.float32)) for _ in range(2)]
     clicks = [[((3, 4, 5), True), ((20, 9, 30), False)], [((16, 16, 16), True)],
@@ -56,7 +57,7 @@ def test_batched_chains_equal_one_object_decodes(tiny):
                                atol=1e-5)
     assert more[1] is chains[2]
     # One compiled program per padded batch size (4 served both calls: 3 rows and 2 rows).
-    assert dec._user._cache_size() == 2  # sizes 4 and 2
+    assert dec._user._cache_size() - compiled_before <= 2  # at most sizes 4 and 2 (3 rows padded to 4)
     dec.decode_chains([embs[0]], [chains[2]], [[Prompt("click", (1, 1, 1))] * 2])  # 2 + 2 clicks: the buffer's 4
     with pytest.raises(ValueError, match="5 clicks in one window exceed the click buffer of 4"):
         dec.decode_chains([embs[0]], [chains[2]], [[Prompt("click", (1, 1, 1))] * 3])
