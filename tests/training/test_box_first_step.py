@@ -104,11 +104,14 @@ def _default_config(**overrides):
 
 
 def test_config_errors():
-    run_config.validate(_default_config())  # the demo: a box-capable model with both options on
-    assert run_config.step_config(_default_config()).box_first_step == 0.5
+    run_config.validate(_default_config())  # the demo: both options off
+    assert run_config.step_config(_default_config()).box_first_step == 0.0
+    on = {"model.num_point_embeddings": 4, "clicks.box_first_step": 0.5, "data.target_offset": 1.0}
+    run_config.validate(_default_config(**on))  # the README's off-centre run
+    assert run_config.step_config(_default_config(**on)).box_first_step == 0.5
     with pytest.raises(ValueError, match=r"^bad config: --config.clicks.box_first_step=0.5 needs a box-capable model "
                                          r"\(--config.model.num_point_embeddings=4\); this model has 2") as err:
-        run_config.validate(_default_config(**{"model.num_point_embeddings": 2}))
+        run_config.validate(_default_config(**{**on, "model.num_point_embeddings": 2}))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"box_first_step is a probability in \[0, 1\], got 1.5"):
         run_config.validate(_default_config(**{"clicks.box_first_step": 1.5}))
