@@ -4,6 +4,8 @@ import jax
 import pytest
 
 from sammed3d_jax import parallel
+from sammed3d_jax.data.prepare import prepare_dataset
+from sammed3d_jax.data.synthetic import make_synthetic_dataset
 from sammed3d_jax.model.sam import init_variables
 from train_helpers import FAST_COMPILE, TINY, build_step, make_batch, run_steps
 
@@ -33,3 +35,12 @@ def replicated_8_device_run(tiny_variables, tiny_batch):
     fn, new_state, key = build_step(mesh, tiny_variables)
     state, history = run_steps(fn, new_state(), key, mesh, tiny_batch, 2)
     return mesh, state, history
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared store of three small synthetic cases (one per test module)."""
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic_dataset(root / "raw", 3, seed=0, shape=(48, 48, 20))
+    prepare_dataset(root / "raw", root / "prepared", workers=1, progress=False)
+    return str(root / "prepared")

@@ -23,8 +23,6 @@ import pytest
 
 from sammed3d_jax.checkpoint import orbax_io
 from sammed3d_jax.checkpoint.params_io import load_params
-from sammed3d_jax.data.prepare import prepare_dataset
-from sammed3d_jax.data.synthetic import make_synthetic_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOTAL = 8
@@ -34,14 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic_dataset(root / "raw", 3, seed=0, shape=(48, 48, 20))
-    prepare_dataset(root / "raw", root / "prepared", workers=1, progress=False)
-    return str(root / "prepared")
 
 
 def _flags(prepared: str) -> list[str]:

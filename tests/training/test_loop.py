@@ -19,8 +19,6 @@ import pytest
 from etils.epath import testing as epath_testing
 
 from sammed3d_jax.checkpoint import orbax_io
-from sammed3d_jax.data.prepare import prepare_dataset
-from sammed3d_jax.data.synthetic import make_synthetic_dataset
 from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.training import preemption
 from sammed3d_jax.training.loop import train_and_evaluate
@@ -35,14 +33,6 @@ def _load_config(name, arg=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic_dataset(root / "raw", 3, seed=0, shape=(48, 48, 20))
-    prepare_dataset(root / "raw", root / "prepared", workers=1, progress=False)
-    return str(root / "prepared")
 
 
 def _tiny_config(prepared, **overrides):
