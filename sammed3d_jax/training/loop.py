@@ -186,6 +186,17 @@ def _stopped_message(signals: preemption.StopSignals, step: int, workdir: epath.
             f"python train.py --workdir {workdir} --resume")
 
 
+def _count_skips(config: ml_collections.ConfigDict, skips: int, step: int, last_saved: int) -> int:
+    """Returns ``skips`` (skipped micro-batches in a row up to ``step``); raises ``preemption.Diverged`` at the
+    configured limit."""
+    if config.optim.max_consecutive_skips and skips >= config.optim.max_consecutive_skips:
+        raise preemption.Diverged(
+            f"stopped at step {step}: {skips} micro-batches in a row had non-finite gradients (updates skipped); "
+            f"nothing saved or exported, the checkpoints up to step {last_saved} are kept; lower --config.optim.lr "
+            "or set --config.optim.clip_grad_norm")
+    return skips
+
+
 def train_steps(run: Run, state: Any, start: int, feed: data_feed.DataFeed, manager, writer: writers.MetricWriter,
                 validator: validation.Validator | None, signals: preemption.StopSignals) -> tuple[Any, int, dict]:
     """Runs steps ``start + 1 .. total_steps`` (or until a stop); returns ``(state, last step, last summary)``.
@@ -230,12 +241,7 @@ def train_steps(run: Run, state: Any, start: int, feed: data_feed.DataFeed, mana
                 timer.step_done()
             if previous is not None:  # The previous step's verdicts: every process reads the same values.
                 stop, skipped = (int(v) for v in _host((previous["stop"], previous["skipped_now"])))
-                skips = skips + 1 if skipped else 0
-                if config.optim.max_consecutive_skips and skips >= config.optim.max_consecutive_skips:
-                    raise preemption.Diverged(
-                        f"stopped at step {step - 1}: {skips} micro-batches in a row had non-finite gradients "
-                        f"(updates skipped); nothing saved or exported, the checkpoints up to step {last_saved} are "
-                        "kept; lower --config.optim.lr or set --config.optim.clip_grad_norm")
+                skips = _count_skips(config, skips + 1 if skipped else 0, step - 1, last_saved)
                 if stop and step < total:  # (At the last step the run simply ends, with its final save.)
                     writer.write_scalars(step, _summarise(pending) | timer.summary())  # The record up to the save.
                     _save(run, manager, step, state, metrics, feed, force=True)

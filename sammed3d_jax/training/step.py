@@ -22,7 +22,7 @@ Must not import data/pipeline code or ml_collections; it imports the model, ``da
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +144,79 @@ def _click_per_sample(keys: jax.Array, s: jax.Array, gt: jax.Array, pred: jax.Ar
     return jax.vmap(one)(keys, gt, pred)
 
 
+class ClickContext(NamedTuple):
+    """What every click of one interaction reads (constant over the scan): the model variables, the image embedding,
+    the targets, the per-sample keys, the step-level draws and, with ``box_first_step``, the boxes and which rows
+    start from one (``None`` otherwise)."""
+
+    variables: dict[str, Any]
+    emb: jax.Array
+    gt: jax.Array
+    keys: jax.Array
+    num_clicks: jax.Array
+    insert_at: jax.Array
+    boxes: jax.Array | None
+    has_box: jax.Array | None
+
+
+Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]  # (low-res logits, point, label, buffers...)
+
+
+def step_prompt(ctx: ClickContext, carry: Carry, s: jax.Array, cfg: StepConfig
+                ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The prompt of click ``s``: ``(points [b,n,3], labels [b,n], prompt_less, box kwargs for decode)``, and the
+    point buffers to carry (the same arrays as the points and labels before the prompt-less masking)."""
+    _, pt, lb, buf_pts, buf_lbl = carry
+    if ctx.has_box is not None:
+        lb = jnp.where((s == 0) & ctx.has_box, ABSENT, lb)  # The box replaces these rows' first click.
+    if cfg.accumulate_clicks:
+        buf_pts = buf_pts.at[:, s].set(pt.astype(jnp.float32))
+        buf_lbl = buf_lbl.at[:, s].set(lb.astype(jnp.int32))
+    else:
+        buf_pts = pt.astype(jnp.float32)[:, None]
+        buf_lbl = lb.astype(jnp.int32)[:, None]
+    prompt_less = s == ctx.insert_at
+    if cfg.prompt_less_last:
+        prompt_less |= s == ctx.num_clicks - 1
+    box_kwargs = {}
+    if ctx.has_box is not None:
+        box_now = ctx.has_box & ~prompt_less
+        if not cfg.accumulate_clicks:
+            box_now &= s == 0
+        box_kwargs = {"boxes": ctx.boxes, "box_present": box_now}
+    return buf_pts, buf_lbl, prompt_less, box_kwargs
+
+
+def active_click(ctx: ClickContext, carry: Carry, s: jax.Array, *, model: Sam3D, cfg: StepConfig):
+    """One simulated click: decode from the prompt and the previous logits, score it, draw the next click."""
+    buf_pts, buf_lbl, prompt_less, box_kwargs = step_prompt(ctx, carry, s, cfg)
+    labels = jnp.where(prompt_less, ABSENT, buf_lbl)
+    low = carry[0]
+    mask_in = jax.lax.stop_gradient(low) if cfg.stop_mask_gradient else low
+    new_low, _ = model.apply(ctx.variables, ctx.emb, buf_pts, labels, mask_in, multimask_output=False,
+                             method=Sam3D.decode, **box_kwargs)
+    new_low = new_low.astype(jnp.float32)
+    full = upsample_logits(new_low, ctx.gt.shape[1])[..., 0]
+    loss = losses.dice_ce_loss(full, ctx.gt, cfg.use_bce)
+    pred = jax.lax.stop_gradient(full) > cfg.click_threshold
+    dice = losses.dice_score(jax.lax.stop_gradient(full), ctx.gt, cfg.click_threshold)
+    next_pt, next_lb = _click_per_sample(ctx.keys, s + 1, ctx.gt, pred)
+    return (new_low, next_pt, next_lb, buf_pts, buf_lbl), (loss, dice, prompt_less)
+
+
+def skipped_click(ctx: ClickContext, carry: Carry, s: jax.Array):
+    """A scan step past ``num_clicks``: the carry unchanged, zero loss, NaN Dice."""
+    del s
+    b = ctx.gt.shape[0]
+    return carry, (jnp.zeros((), jnp.float32), jnp.full((b,), jnp.nan, jnp.float32), jnp.zeros((), bool))
+
+
+def click_body(ctx: ClickContext, carry: Carry, s: jax.Array, *, model: Sam3D, cfg: StepConfig):
+    """The scan body: an active click for ``s < num_clicks``, else a skipped one (``lax.cond``: no recompilation)."""
+    active = functools.partial(active_click, ctx, model=model, cfg=cfg)
+    return jax.lax.cond(s < ctx.num_clicks, active, functools.partial(skipped_click, ctx), carry, s)
+
+
 def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, num_clicks: jax.Array,
                      insert_at: jax.Array, *, model: Sam3D, cfg: StepConfig
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -169,66 +242,28 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, n
                          "this model has 2")
     variables = {"params": params, "buffers": buffers}
     image, gt = batch["image"], batch["label"] > 0
-    b, size = image.shape[0], image.shape[1]
+    b = image.shape[0]
     emb = model.apply(variables, image, method=Sam3D.encode)
-    low_size = model.cfg.low_res_size
-    low0 = jnp.zeros((b, low_size, low_size, low_size, 1), jnp.float32)
+    boxes, has_box = None, None
+    if cfg.box_first_step > 0:
+        boxes, present = target_boxes(gt)
+        has_box = box_rows(keys, present, cfg.box_first_step)
+    ctx = ClickContext(variables, emb, gt, keys, num_clicks, insert_at, boxes, has_box)
     # Click 0 comes from an all-background prediction (upstream's zero prev_masks); later clicks are drawn at the end
     # of the previous step from its prediction, so the carry holds only [b, 3] + [b] instead of a full mask.
     pt0, lb0 = _click_per_sample(keys, jnp.int32(0), gt, jnp.zeros_like(gt))
     n_buf = cfg.max_clicks if cfg.accumulate_clicks else 1
-    buf_pts = jnp.zeros((b, n_buf, 3), jnp.float32)
-    buf_lbl = jnp.full((b, n_buf), ABSENT, jnp.int32)
-    if cfg.box_first_step > 0:
-        boxes, present = target_boxes(gt)
-        has_box = box_rows(keys, present, cfg.box_first_step)
-
-    def active_step(carry, s):
-        low, pt, lb, buf_pts, buf_lbl = carry
-        box_kwargs = {}
-        if cfg.box_first_step > 0:
-            lb = jnp.where((s == 0) & has_box, ABSENT, lb)  # the box replaces these rows' first click
-        if cfg.accumulate_clicks:
-            buf_pts = buf_pts.at[:, s].set(pt.astype(jnp.float32))
-            buf_lbl = buf_lbl.at[:, s].set(lb.astype(jnp.int32))
-        else:
-            buf_pts = pt.astype(jnp.float32)[:, None]
-            buf_lbl = lb.astype(jnp.int32)[:, None]
-        prompt_less = s == insert_at
-        if cfg.prompt_less_last:
-            prompt_less |= s == num_clicks - 1
-        labels = jnp.where(prompt_less, ABSENT, buf_lbl)
-        if cfg.box_first_step > 0:
-            box_now = has_box & ~prompt_less
-            if not cfg.accumulate_clicks:
-                box_now &= s == 0
-            box_kwargs = {"boxes": boxes, "box_present": box_now}
-        mask_in = jax.lax.stop_gradient(low) if cfg.stop_mask_gradient else low
-        new_low, _ = model.apply(variables, emb, buf_pts, labels, mask_in, multimask_output=False,
-                                 method=Sam3D.decode, **box_kwargs)
-        new_low = new_low.astype(jnp.float32)
-        full = upsample_logits(new_low, size)[..., 0]
-        loss = losses.dice_ce_loss(full, gt, cfg.use_bce)
-        pred = jax.lax.stop_gradient(full) > cfg.click_threshold
-        dice = losses.dice_score(jax.lax.stop_gradient(full), gt, cfg.click_threshold)
-        next_pt, next_lb = _click_per_sample(keys, s + 1, gt, pred)
-        return (new_low, next_pt, next_lb, buf_pts, buf_lbl), (loss, dice, prompt_less)
-
-    def skipped_step(carry, s):
-        del s
-        return carry, (jnp.zeros((), jnp.float32), jnp.full((b,), jnp.nan, jnp.float32), jnp.zeros((), bool))
-
-    def body(carry, s):
-        return jax.lax.cond(s < num_clicks, active_step, skipped_step, carry, s)
-
+    low_size = model.cfg.low_res_size
+    carry0 = (jnp.zeros((b, low_size, low_size, low_size, 1), jnp.float32), pt0, lb0,
+              jnp.zeros((b, n_buf, 3), jnp.float32), jnp.full((b, n_buf), ABSENT, jnp.int32))
+    body = functools.partial(click_body, ctx, model=model, cfg=cfg)
     if cfg.remat_clicks:
         body = jax.checkpoint(body, prevent_cse=False)
-    carry0 = (low0, pt0, lb0, buf_pts, buf_lbl)
     _, (loss_per_click, dice_per_sample, prompt_less) = jax.lax.scan(
         body, carry0, jnp.arange(cfg.max_clicks, dtype=jnp.int32))
     aux = {"dice_per_click": jnp.mean(dice_per_sample, axis=1), "dice_per_sample": dice_per_sample,
            "loss_per_click": loss_per_click, "prompt_less": prompt_less}
-    if cfg.box_first_step > 0:
+    if has_box is not None:
         aux["box_rows"] = has_box
     return jnp.sum(loss_per_click), aux
 
