@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 from eval_standins import S, ball_segmenter, bright_image, box, geometry, threshold_segmenter
 
-from sammed3d_jax.checkpoint.torch_convert import abstract_variables
 from sammed3d_jax.data import transforms
 from sammed3d_jax.evaluation import inference, objects
-from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.model.sam import Sam3D, upsample_logits
 from sammed3d_jax.shapes import ABSENT
 
@@ -102,15 +100,6 @@ def test_given_first_click_is_used_as_click_one():
         run = objects.simulate_rois(one, [roi], [jax.random.key(1)], (1,), mode)[0]
         assert run.labels.tolist() == [1] and run.masks[1][tuple(run.points[0].astype(int))]
     assert [f._cache_size() for f in (one._encode, one._user, *one._simulated.values())] == compiled
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    # Random weights in the model's exact tree (no init compilation): enough for buffer-vs-exact comparisons.
-    cfg = ModelConfig.variant("tiny")
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(np.float32), abstract_variables(cfg))
-    return cfg, variables
 
 
 def test_click_buffer_equals_decoding_with_exactly_the_present_clicks(tiny):

@@ -8,19 +8,9 @@ import numpy as np
 import pytest
 from eval_standins import S, ball_segmenter, box, geometry
 
-from sammed3d_jax.checkpoint.torch_convert import abstract_variables
 from sammed3d_jax.evaluation import inference
 from sammed3d_jax.evaluation.objects import ObjectDecoder, Prompt
-from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.model.sam import Sam3D, upsample_logits
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = ModelConfig.variant("tiny")
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(np.float32), abstract_variables(cfg))
-    return cfg, variables
 
 
 def _reference(cfg, variables, emb, clicks):
