@@ -2,6 +2,7 @@
 with one line naming the file or argument, prints no traceback, leaves no output behind and leaves its inputs
 unchanged. Not a test module."""
 
+import gzip
 import hashlib
 import os
 import pathlib
@@ -10,6 +11,19 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def raw_label(path: pathlib.Path, shape: Sequence[int], affine, payload: bytes = b"") -> None:
+    """A gzipped uint8 NIfTI written byte by byte, so its header may claim anything (shape, affine) whatever the
+    payload holds."""
+    import nibabel as nib  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    header.set_sform(affine, code=1)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\x00" * 4 + payload))
 
 
 def run_cli(args: Sequence[str], *, cwd: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

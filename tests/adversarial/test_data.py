@@ -6,13 +6,11 @@ voxels, a zero-length or NaN affine axis) are per-file problems: ``check`` and `
 on with the other cases.
 """
 
-import gzip
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
-from cli_assert import assert_refused, run_cli, snapshot
+from cli_assert import assert_refused, raw_label, run_cli, snapshot
 
 from sammed3d_jax.data import synthetic
 
@@ -70,21 +68,13 @@ def test_prepare_refuses_a_settings_change_naming_it(dataset, tmp_path):
     assert_refused(proc, mentions=["spacing_mm", "[1.5, 1.5, 1.5]", "[2.0, 2.0, 2.0]"], unchanged=store_before)
 
 
-def _raw_label(path, shape, affine, payload=b""):
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(np.uint8)
-    header.set_sform(affine, code=1)
-    path.write_bytes(gzip.compress(header.binaryblock + b"\x00" * 4 + payload))
-
-
 def test_hostile_files_are_per_file_problems_in_check_and_prepare(dataset, tmp_path):
     import shutil
 
     root = tmp_path / "hostile"
     shutil.copytree(dataset, root)
     labels = sorted((root / "labelsTr").iterdir())
-    _raw_label(labels[0], (1100, 1100, 1100), np.eye(4))  # ~70 bytes claiming 1.3 GB
+    raw_label(labels[0], (1100, 1100, 1100), np.eye(4))  # ~70 bytes claiming 1.3 GB
     nan_affine = np.eye(4)
     nan_affine[1, 1] = np.nan
     bomb, nan = labels[0].name, labels[1].name
@@ -92,7 +82,7 @@ def test_hostile_files_are_per_file_problems_in_check_and_prepare(dataset, tmp_p
     proc = run_cli(["-m", "sammed3d_jax.data.check", root, "--no-progress"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"labelsTr/{bomb}" in proc.stdout and "the header claims shape (1100, 1100, 1100)" in proc.stdout
-    _raw_label(labels[1], tuple(int(s) for s in SHAPE), nan_affine, np.zeros(24 * 24 * 12, np.uint8).tobytes())
+    raw_label(labels[1], tuple(int(s) for s in SHAPE), nan_affine, np.zeros(24 * 24 * 12, np.uint8).tobytes())
     before = snapshot([root])
     proc = run_cli(["-m", "sammed3d_jax.data.check", root, "--no-progress"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -5,13 +5,12 @@ output behind and leaves its inputs unchanged. Where an error message gives a hi
 Small inputs only: every refusal happens before a model is compiled.
 """
 
-import gzip
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
-from cli_assert import REPO, assert_refused, run_cli, snapshot
+from cli_assert import REPO, assert_refused, raw_label, run_cli, snapshot
 
 FIXTURE = REPO / "tests" / "fixtures" / "upstream_tiny"
 PTH, CONFIG = FIXTURE / "checkpoint.pth", FIXTURE / "config.json"
@@ -20,15 +19,6 @@ PTH, CONFIG = FIXTURE / "checkpoint.pth", FIXTURE / "config.json"
 def _nifti(path, array):
     nib.save(nib.Nifti1Image(np.asarray(array), np.diag([1.5, 1.5, 1.5, 1.0])), str(path))
     return path
-
-
-def _raw_label(path, shape, affine, payload=b""):
-    """A gzipped NIfTI written byte by byte, so its header may claim anything."""
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(np.uint8)
-    header.set_sform(affine, code=1)
-    path.write_bytes(gzip.compress(header.binaryblock + b"\x00" * 4 + payload))
 
 
 @pytest.fixture
@@ -131,10 +121,10 @@ def test_eval_of_an_upstream_file_names_the_working_flag_and_reports_skipped_lab
     # truncated file. Each is skipped with its reason; none aborts the run or allocates what the header claims.
     for case in ("bomb", "nan_affine", "truncated"):
         _nifti(root / "imagesTr" / f"{case}_0000.nii.gz", np.ones((20, 20, 20), np.float32))
-    _raw_label(root / "labelsTr" / "bomb.nii.gz", (1100, 1100, 1100), np.eye(4))
+    raw_label(root / "labelsTr" / "bomb.nii.gz", (1100, 1100, 1100), np.eye(4))
     nan_affine = np.eye(4)
     nan_affine[1, 1] = np.nan
-    _raw_label(root / "labelsTr" / "nan_affine.nii.gz", (20, 20, 20), nan_affine, bytes(20 ** 3))
+    raw_label(root / "labelsTr" / "nan_affine.nii.gz", (20, 20, 20), nan_affine, bytes(20 ** 3))
     whole = _nifti(tmp_path / "whole.nii.gz", np.ones((20, 20, 20), np.uint8)).read_bytes()
     (root / "labelsTr" / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
     before = snapshot([root, PTH])
