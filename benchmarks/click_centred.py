@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-csv", default="", help="per_target.csv of eval.py --config.crop=first_click")
     parser.add_argument("--target-csv", default="", help="per_target.csv of the target-centred eval.py")
     parser.add_argument("--tolerance", type=float, default=0.01, help="largest allowed |Dice - eval's dice_1|")
+    parser.add_argument("--recentre", type=int, default=0, help="predict's --recentre (first window moved onto its "
+                        "own prediction up to this many times)")
     parser.add_argument("--json", default="", help="write the rows and means here")
     args = parser.parse_args(argv)
 
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
             gt = label == value
             click = deepest_voxel(gt, geom.spacing_mm)
             t0 = time.perf_counter()
-            result = predict.predict_mask(decoder, image, geom, click[None], np.array([True]), source=image_path)
+            result = predict.predict_mask(decoder, image, geom, click[None], np.array([True]), source=image_path,
+                                          recentre=args.recentre)
             target = names.get(value, str(value))
             row = {"case": case, "target": target, "click": click.astype(int).tolist(),
                    "windows": len(result.windows), "dice_predict": dice(result.mask, gt),

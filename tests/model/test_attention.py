@@ -41,15 +41,19 @@ def _both(grid, window, heads, head_dim, batch, seed, dtype=jnp.float32, rel_sca
 
 def _check(grid, window, heads, head_dim, batch, seed, impl="xla"):
     exact, naive, params, x = _both(grid, window, heads, head_dim, batch, seed, impl=impl)
-    f_exact = lambda p, x: exact.apply({"params": p}, x)  # noqa: E731
-    f_naive = lambda p, x: naive.apply({"params": p}, x)  # noqa: E731
     probe = jax.random.normal(jax.random.key(seed + 1), x.shape)
-    loss = lambda f: lambda p, x: jnp.sum(f(p, x) * probe)  # noqa: E731
+
+    def outputs_and_grads(module):
+        # One program per formulation: the outputs, and the gradients of sum(outputs * probe) (a generic scalar)
+        # w.r.t. every parameter and the input.
+        def both(p, x, probe):
+            y, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)
+            return y, vjp(probe)
+
+        return jax.jit(both)(params, x, probe)
+
     with jax.transfer_guard("disallow"):  # the jitted paths must not copy anything implicitly
-        y_exact, y_naive = jax.jit(f_exact)(params, x), jax.jit(f_naive)(params, x)
-        # Gradients of a generic scalar w.r.t. every parameter and the input.
-        g_exact = jax.jit(jax.grad(loss(f_exact), argnums=(0, 1)))(params, x)
-        g_naive = jax.jit(jax.grad(loss(f_naive), argnums=(0, 1)))(params, x)
+        (y_exact, g_exact), (y_naive, g_naive) = outputs_and_grads(exact), outputs_and_grads(naive)
     np.testing.assert_allclose(y_exact, y_naive, rtol=2e-5, atol=2e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_exact), jax.tree_util.tree_leaves(g_naive)):
         scale = float(jnp.max(jnp.abs(b))) + 1e-6
