@@ -164,8 +164,11 @@ Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]  # (low-res
 
 def step_prompt(ctx: ClickContext, carry: Carry, s: jax.Array, cfg: StepConfig
                 ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
-    """The prompt of click ``s``: ``(points [b,n,3], labels [b,n], prompt_less, box kwargs for decode)``, and the
-    point buffers to carry (the same arrays as the points and labels before the prompt-less masking)."""
+    """The prompt of click ``s``: ``(points f32 [b,n,3], labels int32 [b,n], prompt_less, box_kwargs)``.
+
+    ``points``/``labels`` are the click buffers to carry (``n`` = 1 for the newest click only, ``max_clicks`` with
+    ``accumulate_clicks``); the caller masks the labels to ABSENT where ``prompt_less`` (a bool scalar) holds, and
+    passes ``box_kwargs`` (empty without ``box_first_step``) to ``Sam3D.decode``."""
     _, pt, lb, buf_pts, buf_lbl = carry
     if ctx.has_box is not None:
         lb = jnp.where((s == 0) & ctx.has_box, ABSENT, lb)  # The box replaces these rows' first click.
