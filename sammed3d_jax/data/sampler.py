@@ -125,22 +125,27 @@ def draw_offset(u: np.ndarray, lo: np.ndarray, hi: np.ndarray, fraction: float) 
 
 
 def image_problem(image: np.ndarray, ct_clipped: bool, normalization: str) -> str:
-    """Why an image crop cannot be used ("" when it can): non-finite voxels, or (``per_volume``) fewer than two
-    voxels > 0 after the CT clip, or all of them equal (the unbiased std over them would be 0)."""
+    """Why an image crop cannot be used ("" when it can): non-finite voxels, or (``per_volume``) what
+    :func:`normalisation_problem` finds."""
     if not np.isfinite(image).all():
         return "non-finite voxels in the image crop"
-    if normalization == "per_volume":
-        # The host rule was "unbiased std over x > 0 (after the CT clip) is > 0", which for finite float32
-        # values means at least two voxels > 0 that are not all equal; the clip only lowers values above its
-        # upper bound (negative ones never count).
-        positive = image > 0
-        count = int(np.count_nonzero(positive))
-        lo = float(np.min(image, where=positive, initial=np.inf))
-        hi = float(np.max(image, where=positive, initial=-np.inf))
-        if ct_clipped:
-            lo, hi = min(lo, transforms.CT_CLIP_HU[1]), min(hi, transforms.CT_CLIP_HU[1])
-        if count < 2 or not hi > lo:
-            return f"cannot z-normalise the crop ({count} voxels > 0, all equal)"
+    return normalisation_problem(image, ct_clipped) if normalization == "per_volume" else ""
+
+
+def normalisation_problem(image: np.ndarray, ct_clipped: bool) -> str:
+    """Why a finite crop cannot be z-normalised per volume ("" when it can): fewer than two voxels > 0 after the CT
+    clip, or all of them equal (the unbiased std over them would be 0)."""
+    # The host rule was "unbiased std over x > 0 (after the CT clip) is > 0", which for finite float32 values means
+    # at least two voxels > 0 that are not all equal; the clip only lowers values above its upper bound (negative
+    # ones never count).
+    positive = image > 0
+    count = int(np.count_nonzero(positive))
+    lo = float(np.min(image, where=positive, initial=np.inf))
+    hi = float(np.max(image, where=positive, initial=-np.inf))
+    if ct_clipped:
+        lo, hi = min(lo, transforms.CT_CLIP_HU[1]), min(hi, transforms.CT_CLIP_HU[1])
+    if count < 2 or not hi > lo:
+        return f"cannot z-normalise the crop ({count} voxels > 0, all equal)"
     return ""
 
 
@@ -198,14 +203,15 @@ class CropSampler(grain.transforms.RandomMap):
             self.store.read_window(record, window, image, label)
         except (ValueError, OSError) as err:
             return BAD, str(err)
-        problem = image_problem(image, clips(record, self.ct_clip), "none")
+        problem = image_problem(image, False, "none")  # Non-finite voxels: bad whatever the target holds.
         if problem:
             return BAD, problem
         if not transforms.has_enough_foreground(label, self.min_crop_foreground):
             return SMALL, ""
-        problem = image_problem(image, clips(record, self.ct_clip), self.normalization)
-        if problem:
-            return BAD, problem
+        if self.normalization == "per_volume":
+            problem = normalisation_problem(image, clips(record, self.ct_clip))
+            if problem:
+                return BAD, problem
         return OK, ""
 
     def status(self, index: int) -> str:
