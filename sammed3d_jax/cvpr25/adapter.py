@@ -40,13 +40,13 @@ from jaxtyping import Integer, Shaped
 from sammed3d_jax.cvpr25 import boxes as box_lib
 from sammed3d_jax.cvpr25.cases import ClassPrompts
 from sammed3d_jax.evaluation import inference
-from sammed3d_jax.evaluation.objects import ObjectDecoder, Prompt, box_decode_function, has_box_embeddings
+from sammed3d_jax.evaluation.objects import ObjectDecoder, Prompt, box_decode_function
 from sammed3d_jax.evaluation.windows import window_starts
 from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.session import Session
 
 __all__ = ["BOX_MODES", "CaseReport", "ChallengePredictor", "NoBoxEmbeddingsError", "box_decode_function",
-           "has_box_embeddings", "window_starts"]
+           "window_starts"]
 
 BOX_MODES = ("auto", "box", "click")
 BoxDecodeFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -102,7 +102,7 @@ class ChallengePredictor:
     def from_model(cls, variables: Any, cfg: ModelConfig, *, max_clicks: int = 16, **kwargs) -> "ChallengePredictor":
         """A predictor for Sam3D ``variables`` of ``cfg``; box prompts when the config has box embeddings."""
         segmenter = inference.Segmenter.from_model(variables, cfg, max_clicks=max_clicks)
-        return cls(segmenter, box_decode_function(cfg) if has_box_embeddings(cfg) else None, **kwargs)
+        return cls(segmenter, box_decode_function(cfg) if cfg.supports_boxes else None, **kwargs)
 
     def warmup(self, classes: int = 4) -> float:
         """Compiles the encoder and the decode steps for 1..``classes`` classes decoded together (one program per

@@ -39,11 +39,6 @@ from sammed3d_jax.shapes import ABSENT, NEGATIVE, POSITIVE
 BoxDecodeFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
-def has_box_embeddings(cfg: ModelConfig) -> bool:
-    """Whether a model config has the box-capable layout (four point embeddings)."""
-    return int(getattr(cfg, "num_point_embeddings", 2)) == 4
-
-
 @functools.lru_cache(maxsize=8)
 def box_decode_function(cfg: ModelConfig) -> BoxDecodeFn:
     """``decode(variables, emb, points, labels, low, boxes [b, 6], box_present [b]) -> (low, full)``: ``Sam3D.decode``
@@ -215,10 +210,10 @@ class ObjectDecoder:
                    box_decode_fn=box_decode_fn, max_batch=max_batch)
 
     @classmethod
-    def from_model(cls, variables: Any, cfg, max_prompts: int = 16, max_batch: int = 8) -> "ObjectDecoder":
+    def from_model(cls, variables: Any, cfg: ModelConfig, max_prompts: int = 16, max_batch: int = 8) -> "ObjectDecoder":
         """For a Sam3D model with ``cfg``; box prompts when the config has box embeddings."""
         encode, decode = inference.sam3d_functions(cfg)
-        box = box_decode_function(cfg) if has_box_embeddings(cfg) else None
+        box = box_decode_function(cfg) if cfg.supports_boxes else None
         return cls(jax.device_put(variables), crop_size=cfg.image_size, low_res_size=cfg.low_res_size,
                    max_prompts=max_prompts, encode_fn=encode, decode_fn=decode, box_decode_fn=box,
                    max_batch=max_batch)

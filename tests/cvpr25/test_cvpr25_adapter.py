@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import standins
 
-from sammed3d_jax.cvpr25.adapter import ChallengePredictor, NoBoxEmbeddingsError, has_box_embeddings, window_starts
+from sammed3d_jax.cvpr25.adapter import ChallengePredictor, NoBoxEmbeddingsError, window_starts
 from sammed3d_jax.cvpr25.cases import Box, ClassPrompts
 from sammed3d_jax.evaluation.objects import Prompt
 from sammed3d_jax.model.config import ModelConfig
@@ -116,7 +116,7 @@ def test_window_over_empty_background_is_noted_and_left_empty():
 def test_box_mode_box_needs_box_embeddings():
     with pytest.raises(NoBoxEmbeddingsError, match="this checkpoint has no box embeddings"):
         ChallengePredictor(standins.segmenter(), None, box_mode="box")
-    assert not has_box_embeddings(ModelConfig.variant("tiny"))
+    assert not ModelConfig.variant("tiny").supports_boxes
     with pytest.raises(ValueError, match="box mode must be one of"):
         ChallengePredictor(standins.segmenter(), None, box_mode="boxes")
 
@@ -146,7 +146,7 @@ def test_box_prompt_through_a_box_capable_model():
     cfg = ModelConfig.variant("tiny").replace(num_point_embeddings=4)
     variables = init_variables(cfg, jax.random.key(0))
     pred = ChallengePredictor.from_model(variables, cfg)
-    assert has_box_embeddings(cfg) and pred.box_prompt == "box"
+    assert cfg.supports_boxes and pred.box_prompt == "box"
     roi = np.random.default_rng(2).normal(size=(32, 32, 32)).astype(np.float32)
     box6 = np.array([3.0, 5.0, 7.0, 20.0, 22.0, 24.0])
     emb = pred.decoder.encode(roi)
