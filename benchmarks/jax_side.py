@@ -19,7 +19,6 @@ import numpy as np
 import compare_common as cc
 from sammed3d_jax import convert, parallel
 from sammed3d_jax.checkpoint.params_io import load_params
-from sammed3d_jax.data.clicks import sample_click
 from sammed3d_jax.model import ModelConfig, Sam3D, upsample_logits
 from sammed3d_jax.shapes import ABSENT
 from sammed3d_jax.training import losses, optim, setup as setup_lib, step as step_lib
@@ -191,16 +190,10 @@ def click_ops(cfg: ModelConfig, variables, next_click, embedding=None) -> cc.Cli
 
 
 def keyed_clicks(keys: jax.Array, record: list | None = None):
-    """A ``next_click`` drawing, for each row i, ``sample_click(fold_in(keys[i], step), gt[i], full[i] > 0.5)`` (the
-    train step's rule with its per-sample keys, ``training.step.sample_keys``); appends each ``(points [b, 3],
-    labels [b])`` as numpy to ``record`` when given."""
-
-    def one(k, g, p):
-        pt, lb = sample_click(k, g[None], p[None])
-        return pt[0], lb[0]
-
-    draw = jax.jit(lambda ks, step, gt, pred: jax.vmap(one)(
-        jax.vmap(lambda k: jax.random.fold_in(k, step))(ks), gt, pred))
+    """A ``next_click`` drawing the train step's clicks (``training.step.click_per_sample`` with its per-sample keys,
+    ``training.step.sample_keys``) from ``full > 0.5``; appends each ``(points [b, 3], labels [b])`` as numpy to
+    ``record`` when given."""
+    draw = jax.jit(step_lib.click_per_sample)
 
     def next_click(step, gt, full):
         pred = jnp.zeros_like(gt) if full is None else full > cc.CLICK_LOGIT_THRESHOLD

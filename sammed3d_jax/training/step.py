@@ -135,8 +135,9 @@ def box_rows(keys: jax.Array, present: jax.Array, probability: float) -> jax.Arr
     return draw & present
 
 
-def _click_per_sample(keys: jax.Array, s: jax.Array, gt: jax.Array, pred: jax.Array):
-    # Each row draws from its own key: the click of a sample does not depend on its batch neighbours.
+def click_per_sample(keys: jax.Array, s: jax.Array, gt: jax.Array, pred: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Click ``s`` of every row: ``sample_click(fold_in(keys[i], s), gt[i], pred[i])`` -> (points [b,3], labels [b]).
+    Each row draws from its own key, so a sample's click does not depend on its batch neighbours."""
     def one(key, g, p):
         pt, lb = sample_click(jax.random.fold_in(key, s), g[None], p[None])
         return pt[0], lb[0]
@@ -203,7 +204,7 @@ def active_click(ctx: ClickContext, carry: Carry, s: jax.Array, *, model: Sam3D,
     loss = losses.dice_ce_loss(full, ctx.gt, cfg.use_bce)
     pred = jax.lax.stop_gradient(full) > cfg.click_threshold
     dice = losses.dice_score(jax.lax.stop_gradient(full), ctx.gt, cfg.click_threshold)
-    next_pt, next_lb = _click_per_sample(ctx.keys, s + 1, ctx.gt, pred)
+    next_pt, next_lb = click_per_sample(ctx.keys, s + 1, ctx.gt, pred)
     return (new_low, next_pt, next_lb, buf_pts, buf_lbl), (loss, dice, prompt_less)
 
 
@@ -254,7 +255,7 @@ def interactive_loss(params: Any, buffers: Any, batch: Batch, keys: jax.Array, n
     ctx = ClickContext(variables, emb, gt, keys, num_clicks, insert_at, boxes, has_box)
     # Click 0 comes from an all-background prediction (upstream's zero prev_masks); later clicks are drawn at the end
     # of the previous step from its prediction, so the carry holds only [b, 3] + [b] instead of a full mask.
-    pt0, lb0 = _click_per_sample(keys, jnp.int32(0), gt, jnp.zeros_like(gt))
+    pt0, lb0 = click_per_sample(keys, jnp.int32(0), gt, jnp.zeros_like(gt))
     n_buf = cfg.max_clicks if cfg.accumulate_clicks else 1
     low_size = model.cfg.low_res_size
     carry0 = (jnp.zeros((b, low_size, low_size, low_size, 1), jnp.float32), pt0, lb0,
