@@ -33,10 +33,16 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
     """
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel  # The client of initialize().
-
     barrier_id = f"sammed3d_jax/{next(_BARRIER_IDS)}/{name}"
-    distributed.global_state.client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
+    coordination_client().wait_at_barrier(barrier_id, int(timeout_s * 1000))
+
+
+def coordination_client() -> Any:
+    """The client of ``jax.distributed.initialize()``'s coordination service (barriers and a key-value store shared
+    by the processes); JAX exposes it only through a private module, so it is reached here and nowhere else."""
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
+    return distributed.global_state.client
 
 
 def _resolve(spec: Sequence[tuple[str, int]], n: int, what: str) -> tuple[tuple[str, ...], list[int]]:

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sammed3d_jax import parallel
+
 _MOD = 1 << 64
 _EXCHANGES = itertools.count()
 
@@ -86,9 +88,7 @@ def tree_checksums(tree: Any) -> list[list[int]]:
 def _exchange(partial: list[tuple[int, int]], timeout_s: float = 3600.0) -> list[list[list[int]]]:
     """Every process's partial sums, through the coordination service's key-value store (not a device collective:
     processes may reach a save seconds or minutes apart). Calls are numbered per process, like ``parallel.barrier``."""
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel  # The client of initialize().
-
-    client = distributed.global_state.client
+    client = parallel.coordination_client()
     key = f"sammed3d_jax/checksums/{next(_EXCHANGES)}"
     client.key_value_set(f"{key}/{jax.process_index()}", json.dumps([list(p) for p in partial]))
     return [json.loads(client.blocking_key_value_get(f"{key}/{p}", int(timeout_s * 1000)))
