@@ -1,12 +1,11 @@
 """End to end on CPU, tiny: train a few steps on a generated synthetic dataset, evaluate the training workdir on that
 dataset with simulated clicks, and predict a mask for one of its scans from the command line."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
+from config_files import load_config
 
 from sammed3d_jax import predict
 from sammed3d_jax.data.nifti import read_image, read_label
@@ -14,16 +13,10 @@ from sammed3d_jax.evaluation import inference, metrics, runner
 from sammed3d_jax.evaluation.checkpoints import load_checkpoint
 from sammed3d_jax.evaluation.config import get_config as eval_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _training_config():
     # The default CPU recipe (configs/default.py), shrunk to the tiny model and two steps.
-    spec = importlib.util.spec_from_file_location("default_training_config", os.path.join(REPO, "configs",
-                                                                                          "default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("steps=2,cases=2")
+    c = load_config("default", "steps=2,cases=2")
     c.model.variant = "tiny"
     c.batch_size = 8  # one sample per fake CPU device (tests run with 8)
     c.data.min_crop_foreground = 100  # tiny 32^3 crops hold fewer target voxels than 128^3 ones

@@ -1,12 +1,12 @@
 """train.py refuses bad launches, configs and workdirs with one line: exit != 0, no traceback, the flag or path
 named, nothing left behind, inputs unchanged. Every case is refused before any step is compiled."""
 
-import importlib.util
 
 import numpy as np
 import pytest
 
 from cli_assert import REPO, assert_refused, run_cli, snapshot
+from config_files import load_config
 from sammed3d_jax.checkpoint import orbax_io
 from sammed3d_jax.data.prepare import prepare_dataset
 from sammed3d_jax.data.synthetic import make_synthetic_dataset
@@ -28,10 +28,7 @@ def prepared(tmp_path_factory):
 def existing_run(tmp_path_factory, prepared):
     """A workdir as a tiny run leaves it after step 3 (a checkpoint, its config and model config)."""
     workdir = tmp_path_factory.mktemp("run")
-    spec = importlib.util.spec_from_file_location("default_config", REPO / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("default")
     config.model.variant = "tiny"
     config.data.prepared_dir = str(prepared)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

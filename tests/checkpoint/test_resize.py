@@ -2,23 +2,20 @@
 size gives the same arrays, ``convert --image-size`` then encoding at the new size works, the point-embedding count
 is read from the state dict, and fine-tuning configs resample at load time."""
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from config_files import load_config
 from sammed3d_jax import convert
 from sammed3d_jax.checkpoint import orbax_io
 from sammed3d_jax.checkpoint.params_io import convert_file, load_params, load_variables
 from sammed3d_jax.checkpoint.resize import resample_linear, resize_variables
 from sammed3d_jax.checkpoint.torch_convert import ConversionError, flax_to_torch
 from sammed3d_jax.model import ModelConfig, Sam3D, init_variables
-
-ROOT = pathlib.Path(__file__).parents[2]
 
 
 def test_linear_resampling_is_torchs_rule():
@@ -112,22 +109,15 @@ def test_point_embeddings_come_from_the_state_dict(fixtures_dir, tmp_path):
     assert cfg == tiny4 and "point_embeddings_3" in variables["params"]["prompt_encoder"]
 
 
-def _finetune_config(arg):
-    spec = importlib.util.spec_from_file_location("finetune_cfg", ROOT / "configs" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def test_finetune_at_another_size_resamples_at_load(tiny_fixture_dir, tmp_path, fixture_weights):
     from sammed3d_jax.training.run_config import model_config
 
     variables, cfg, _ = fixture_weights
     assert convert.main([str(tiny_fixture_dir / "checkpoint.pth"), str(tmp_path / "p"),
                          "--config", str(tiny_fixture_dir / "config.json")]) == 0
-    c = _finetune_config(f"init={tmp_path / 'p'},image_size=160")
+    c = load_config("finetune", f"init={tmp_path / 'p'},image_size=160")
     assert c.init_from == str(tmp_path / "p")
-    assert model_config(c).image_size == 160 and model_config(_finetune_config("init=x")).image_size == 128
+    assert model_config(c).image_size == 160 and model_config(load_config("finetune", "init=x")).image_size == 128
     wanted = cfg.replace(image_size=80, dtype="bfloat16", scan_encoder_blocks=True)
     loaded = orbax_io.load_init_variables(tmp_path / "p", wanted)
     assert loaded["params"]["image_encoder"]["pos_embed"].shape == (1, 5, 5, 5, 96)

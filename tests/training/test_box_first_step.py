@@ -2,14 +2,13 @@
 rows exactly as today's click, in one program; and the option's config errors."""
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from config_files import load_config
 from train_helpers import FAST_COMPILE, make_batch
 from sammed3d_jax.data.clicks import sample_click
 from sammed3d_jax.model.config import ModelConfig
@@ -92,11 +91,7 @@ def test_target_boxes_of_an_empty_target_are_absent():
 
 
 def _default_config(**overrides):
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "default.py"
-    spec = importlib.util.spec_from_file_location("demo_training_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config("default")
     for key, value in overrides.items():
         section, name = key.split(".")
         c[section][name] = value

@@ -2,7 +2,6 @@
 of the config, refused resumes, damaged checkpoints, divergence, unwritable folders, a gs:// workdir, validation."""
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -22,21 +21,14 @@ from sammed3d_jax.checkpoint import orbax_io
 from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.training import preemption
 from sammed3d_jax.training.loop import train_and_evaluate
+from config_files import load_config
 from train_helpers import FAST_COMPILE
 
-CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
 TINY = ModelConfig.variant("tiny", dtype="float32", remat_encoder_blocks=False)
 
 
-def _load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def _tiny_config(prepared, **overrides):
-    c = _load_config("default")
+    c = load_config("default")
     c.model.variant = "tiny"
     c.data.prepared_dir = prepared
     c.data.min_crop_foreground = 50
@@ -285,10 +277,10 @@ def test_periodic_validation_on_held_out_cases(tmp_path, prepared):
 
 def test_configs_build(tmp_path):
     for name, arg in (("default", None), ("sammed3d", "runlocal"), ("finetune", "init=/some/dir,dice_only")):
-        c = _load_config(name, arg)
+        c = load_config(name, arg)
         assert c.optim.lr > 0 and c.batch_size > 0, name
-    ft = _load_config("finetune", "init=/some/dir,dice_only")
+    ft = load_config("finetune", "init=/some/dir,dice_only")
     assert ft.init_from == "/some/dir" and ft.optim.lr == 8e-5 and not ft.loss.use_bce
-    assert _load_config("sammed3d").model.variant == "vit_b_ori"
+    assert load_config("sammed3d").model.variant == "vit_b_ori"
     with pytest.raises(ValueError, match="unknown config arg"):
-        _load_config("sammed3d", "runlokal")
+        load_config("sammed3d", "runlokal")
