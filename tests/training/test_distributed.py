@@ -4,8 +4,9 @@ launched as users launch it: ``train.py`` with ``JAX_COORDINATOR_ADDRESS`` / ``J
 A 2-process x 2-device run is pre-empted with SIGTERM to both processes, saves at a step they agree on, and resumes
 as 1 process x 4 devices; it ends with the params and losses of an uninterrupted 2 x 2 run. Params are exported
 from 1 and 2 processes; metrics are written once. Also: a kill during an async save leaves nothing that restore
-would pick up. (On 2 cores every process compiles the step: the jobs share a compilation cache and run one after
-another where they can, so that the test stays within a few minutes.)
+would pick up. (On 2 cores every process compiles the step, so the jobs run one after another. They share a
+persistent compilation cache, but only process 0 writes it and its keys differ per process, so of the second 2 x 2
+job only process 0 reuses entries; the step is compiled afresh by each job, about a minute each.)
 """
 
 import json
@@ -101,7 +102,7 @@ def test_preempted_2x2_resumes_as_1x4_like_an_uninterrupted_run(tmp_path, prepar
         time.sleep(0.05)
     job.signal(signal.SIGTERM)
     codes = job.wait()
-    ref = Job(tmp_path, "2x2-reference", 2, 2, [*flags, f"--workdir={reference}"])  # Compiled: cache hits.
+    ref = Job(tmp_path, "2x2-reference", 2, 2, [*flags, f"--workdir={reference}"])  # After the first: 2 cores.
     outputs = [job.output(p) for p in range(2)]
     assert codes == [143, 143], outputs[0][-4000:]
     lines = [[x for x in out.splitlines() if x.startswith("error: stopped by SIGTERM")] for out in outputs]
