@@ -189,8 +189,9 @@ def plot_panels(panels: Sequence[Panel], path: str | os.PathLike, *, panel_size:
     FigureCanvasAgg(fig)
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for series in panel.series:
+            colour = {} if series.color is None else {"color": series.color}  # None: the style's or the cycle's.
             (line,) = ax.plot(series.x, series.y, series.style, lw=series.width, ms=3, label=series.label,
-                              color=series.color, alpha=series.alpha)
+                              alpha=series.alpha, **colour)
             if series.band is not None:
                 lo = [a - b for a, b in zip(series.y, series.band, strict=True)]
                 hi = [a + b for a, b in zip(series.y, series.band, strict=True)]

@@ -3,6 +3,7 @@ involved)."""
 
 import json
 import struct
+import warnings
 
 import jax
 import numpy as np
@@ -180,3 +181,22 @@ def _read_events(data):
                     scalars[tag[1].decode()] = struct.unpack("<f", tag[2])[0]
         out.append((step, scalars))
     return out
+
+
+def test_plot_colour_comes_from_the_style_unless_a_colour_is_given(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    colours, plot = [], matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        lines = plot(self, *args, **kwargs)
+        colours.append(lines[0].get_color())
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    series = [writers.Series("overall", [1, 2], [1.0, 2.0], style="k--o"),
+              writers.Series("_case", [1, 2], [2.0, 3.0], color="C3")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a colour keyword overrides the style's colour
+        writers.plot_panels([writers.Panel("t", series)], tmp_path / "p.png")
+    assert colours == ["k", "C3"]
