@@ -146,7 +146,8 @@ def _eligible(store, min_crop_foreground, holdout_fraction, subset):
     return eligible
 
 
-def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset=0.0) -> None:
+def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset=0.0,
+                   target_offset_prob=1.0) -> None:
     for name, value, allowed in (("normalization", normalization, NORMALIZATIONS), ("ct_clip", ct_clip, CT_CLIP_MODES),
                                  ("on_bad_record", on_bad_record, BAD_RECORD_MODES)):
         if value not in allowed:
@@ -158,6 +159,8 @@ def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, 
     if not 0.0 <= target_offset <= 1.0:
         raise ValueError(f"target_offset must be in [0, 1] (a fraction of the free room around the target), "
                          f"got {target_offset}")
+    if not 0.0 <= target_offset_prob <= 1.0:
+        raise ValueError(f"target_offset_prob must be in [0, 1] (the share of crops shifted), got {target_offset_prob}")
 
 
 def build_train_dataset(
@@ -175,6 +178,7 @@ def build_train_dataset(
     subset: str = "train",
     on_bad_record: str = "skip",
     target_offset: float = 0.0,
+    target_offset_prob: float = 1.0,
 ) -> tuple[grain.MapDataset, dict[str, Any]]:
     """This process's training batches as a ``grain.MapDataset`` (index-addressable, deterministic, endless).
 
@@ -191,7 +195,7 @@ def build_train_dataset(
     """
     rows = _check_rows(global_batch_size, rows)
     flip_axes = tuple(int(a) for a in flip_axes)
-    _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset)
+    _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset, target_offset_prob)
     store = _open(prepared_dir, crop_size)
     eligible = _eligible(store, min_crop_foreground, holdout_fraction, subset)
     records = tuple(r for _, r in eligible)
@@ -199,6 +203,7 @@ def build_train_dataset(
         store=store, records=records, record_ids=tuple(i for i, _ in eligible), crop_size=int(crop_size),
         normalization=normalization, ct_clip=ct_clip, on_bad_record=on_bad_record,
         min_crop_foreground=int(min_crop_foreground), flip_axes=flip_axes, target_offset=float(target_offset),
+        target_offset_prob=float(target_offset_prob),
     )
     # random_map before the row selection: element e's sample is the same on every process layout, and two
     # processes never share an element's random stream.
@@ -212,6 +217,8 @@ def build_train_dataset(
                        flip_axes=list(flip_axes), holdout_fraction=float(holdout_fraction), subset=subset)
     if target_offset:  # Only when on, so the fingerprints of runs without it stay as they were.
         fingerprint["target_offset"] = float(target_offset)
+        if target_offset_prob < 1.0:
+            fingerprint["target_offset_prob"] = float(target_offset_prob)
     return ds, fingerprint
 
 
@@ -302,6 +309,7 @@ def build_train_iterator(
     prefetch_batches: int = 2,
     on_bad_record: str = "skip",
     target_offset: float = 0.0,
+    target_offset_prob: float = 1.0,
 ) -> TrainIterator:
     """This process's share of the global training stream, as a checkpointable ``TrainIterator``.
 
@@ -325,6 +333,8 @@ def build_train_iterator(
         target_offset: in [0, 1]; > 0 shifts each crop off-centre by up to this fraction of the free room around
             the target (the target's bounding box stays inside; drawn from the element's own generator, so every
             topology and a resumed run see the same crops). 0 (default): upstream's centred crop.
+        target_offset_prob: in [0, 1]; the share of crops shifted when ``target_offset`` > 0 (the others stay
+            centred). 1 (default): every crop.
 
     Returns:
         An iterator of raw batch dicts (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw window, zero
@@ -335,7 +345,8 @@ def build_train_iterator(
     batches, fingerprint = build_train_dataset(
         source, global_batch_size=global_batch_size, rows=rows, seed=seed, crop_size=crop_size,
         normalization=normalization, ct_clip=ct_clip, min_crop_foreground=min_crop_foreground, flip_axes=flip_axes,
-        holdout_fraction=holdout_fraction, subset=subset, on_bad_record=on_bad_record, target_offset=target_offset)
+        holdout_fraction=holdout_fraction, subset=subset, on_bad_record=on_bad_record, target_offset=target_offset,
+        target_offset_prob=target_offset_prob)
     return TrainIterator(batches, fingerprint, worker_count=worker_count, read_threads=read_threads,
                          prefetch_batches=prefetch_batches)
 

@@ -21,8 +21,10 @@ shifts the crop by a whole number of voxels per axis, uniform within ``target_of
 side (``offset_range``: the target's bounding box stays inside the crop; an axis on which the target does not fit
 stays centred; a window store's shift also stays inside its stored window). The target voxels in the crop are the
 same as in the centred crop, so the memoised check still holds for them; a shifted image window that cannot be
-z-normalised (``per_volume``) falls back to the centred one (``WindowReader``). With ``target_offset`` 0 nothing
-is drawn and the crops are the centred ones, bit for bit.
+z-normalised (``per_volume``) falls back to the centred one (``WindowReader``). With ``target_offset_prob`` < 1, one
+more ``rng.random()`` after that draw keeps the crop centred with probability ``1 - target_offset_prob`` (the shifted
+crops are then the ones drawn with it at 1). With ``target_offset`` 0 nothing is drawn and the crops are the
+centred ones, bit for bit.
 """
 
 import dataclasses
@@ -168,6 +170,8 @@ class CropSampler(grain.transforms.RandomMap):
         flip_axes: spatial axes flipped with probability 0.5 each.
         target_offset: in [0, 1]: the crop is shifted by up to this fraction of the free room around the target
             (``offset_range``), drawn after the flips; 0 (default) = the centred crop, nothing drawn.
+        target_offset_prob: in [0, 1]: the share of crops that are shifted (the others stay centred); 1 (default)
+            draws nothing more, so the crops are those of a run without this option.
         max_draws: give up (RuntimeError) after this many unusable draws for one element.
     """
 
@@ -181,6 +185,7 @@ class CropSampler(grain.transforms.RandomMap):
     min_crop_foreground: int = transforms.MIN_CROP_FOREGROUND
     flip_axes: tuple[int, ...] = (0, 1, 2)
     target_offset: float = 0.0
+    target_offset_prob: float = 1.0
     max_draws: int = 100
 
     def __post_init__(self):
@@ -251,7 +256,9 @@ class CropSampler(grain.transforms.RandomMap):
         offset = np.zeros(3, np.int32)
         if self.target_offset > 0:
             lo, hi = offset_range(self.records[index], self.crop_size, getattr(self.store, "window_size", None))
-            offset = draw_offset(rng.random(3), lo, hi, self.target_offset)
+            u = rng.random(3)
+            if self.target_offset_prob >= 1.0 or rng.random() < self.target_offset_prob:
+                offset = draw_offset(u, lo, hi, self.target_offset)
         return {
             "slot": np.array(index, np.int64),
             "record": np.array(self.record_ids[index], np.int32),

@@ -38,6 +38,7 @@ class DataSettings:
     read_threads: int = 1
     prefetch_batches: int = 2
     target_offset: float = 0.0
+    target_offset_prob: float = 1.0
 
 
 def to_step_input(host: dict[str, np.ndarray], stop: bool) -> dict[str, np.ndarray]:
@@ -73,7 +74,7 @@ class DataFeed:
             normalization=s.normalization, ct_clip=s.ct_clip, min_crop_foreground=s.min_crop_foreground,
             flip_axes=tuple(s.flip_axes), holdout_fraction=s.holdout_fraction, subset="train",
             worker_count=s.worker_count, read_threads=s.read_threads, prefetch_batches=s.prefetch_batches,
-            target_offset=s.target_offset)
+            target_offset=s.target_offset, target_offset_prob=s.target_offset_prob)
 
     def position(self) -> dict[str, Any]:
         """The data position to store in a checkpoint (global, topology-free)."""

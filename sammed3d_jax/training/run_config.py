@@ -110,6 +110,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     offset = float(config.data.get("target_offset", 0.0))
     _check(p, 0.0 <= offset <= 1.0, "data.target_offset", f"must be in [0, 1] (a fraction of the free room around "
            f"the target; 0 = upstream's centred crop), got {offset}")
+    prob = float(config.data.get("target_offset_prob", 1.0))
+    _check(p, 0.0 <= prob <= 1.0, "data.target_offset_prob",
+           f"must be in [0, 1] (the share of crops shifted), got {prob}")
     profile = tuple(config.profile_steps)
     _check(p, profile == () or (len(profile) == 2 and 1 <= profile[0] <= profile[1]), "profile_steps",
            f"must be () or (first, last) with 1 <= first <= last, got {profile}")

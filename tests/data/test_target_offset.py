@@ -136,3 +136,29 @@ def test_an_unusable_shifted_crop_falls_back_to_the_centred_one(tmp_path):
     # Shifted up, the special voxel leaves the crop: constant image, so the centred crop is read instead.
     np.testing.assert_array_equal(out["offset"], [[0, 0, 0], [-2, 0, 0]])
     assert out["image"][0, 0, 0, 0, 0] == 9.0 and out["image"][1, 2, 0, 0, 0] == 9.0
+
+
+def test_offset_prob_shifts_that_share_of_crops_and_keeps_their_shifts(store):
+    every = _batches(store, n=8, target_offset=1.0)
+    assert every[0].keys() == _batches(store, n=1, target_offset=1.0, target_offset_prob=1.0)[0].keys()
+    for a, b in zip(every, _batches(store, n=8, target_offset=1.0, target_offset_prob=1.0)):
+        np.testing.assert_array_equal(a["offset"], b["offset"])  # 1 draws nothing more: the same crops
+    half = _batches(store, n=8, target_offset=1.0, target_offset_prob=0.5)
+    none = _batches(store, n=8, target_offset=1.0, target_offset_prob=0.0)
+    kept = centred = 0
+    for a, h, z in zip(every, half, none):
+        np.testing.assert_array_equal(z["offset"], 0)
+        np.testing.assert_array_equal(h["record"], a["record"])
+        for d_all, d_half in zip(a["offset"], h["offset"]):
+            if np.any(d_half):
+                np.testing.assert_array_equal(d_half, d_all)  # a shifted crop is the one drawn at prob 1
+                kept += 1
+            elif np.any(d_all):
+                centred += 1
+    assert kept >= 4 and centred >= 4, (kept, centred)  # 24 crops at p = 0.5 (seeded: fixed counts)
+    fingerprint = pipeline.build_train_dataset(str(store), crop_size=CROP, global_batch_size=3, rows=range(3), seed=5,
+                                               target_offset=1.0, target_offset_prob=0.5)[1]
+    assert fingerprint["target_offset_prob"] == 0.5
+    with pytest.raises(ValueError, match="target_offset_prob"):
+        pipeline.build_train_dataset(str(store), crop_size=CROP, global_batch_size=1, rows=range(1), seed=0,
+                                     target_offset=1.0, target_offset_prob=1.5)
