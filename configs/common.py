@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip_axes = (0, 1, 2)
     c.data.target_offset = 0.0  # Not upstream: > 0 shifts crops off-centre, up to this fraction of the free room.
     c.data.target_offset_prob = 1.0  # The share of crops shifted when target_offset > 0 (the rest stay centred).
+    c.data.offset_mode = "uniform"  # Or "target_voxel": each shifted crop centred on a target voxel (clamped).
     c.data.worker_count = 0
     c.data.read_threads = 1
     c.data.prefetch_batches = 2

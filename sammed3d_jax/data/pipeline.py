@@ -55,7 +55,7 @@ import numpy as np
 
 from sammed3d_jax.data import cache, transforms
 from sammed3d_jax.data import store as store_lib
-from sammed3d_jax.data.sampler import OK, CropSampler, EpochShuffle, WindowReader, clips
+from sammed3d_jax.data.sampler import OFFSET_MODES, OK, CropSampler, EpochShuffle, WindowReader, clips
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _eligible(store, min_crop_foreground, holdout_fraction, subset):
 
 
 def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset=0.0,
-                   target_offset_prob=1.0) -> None:
+                   target_offset_prob=1.0, offset_mode="uniform") -> None:
     for name, value, allowed in (("normalization", normalization, NORMALIZATIONS), ("ct_clip", ct_clip, CT_CLIP_MODES),
                                  ("on_bad_record", on_bad_record, BAD_RECORD_MODES)):
         if value not in allowed:
@@ -161,6 +161,8 @@ def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, 
                          f"got {target_offset}")
     if not 0.0 <= target_offset_prob <= 1.0:
         raise ValueError(f"target_offset_prob must be in [0, 1] (the share of crops shifted), got {target_offset_prob}")
+    if offset_mode not in OFFSET_MODES:
+        raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
 
 
 def build_train_dataset(
@@ -179,6 +181,7 @@ def build_train_dataset(
     on_bad_record: str = "skip",
     target_offset: float = 0.0,
     target_offset_prob: float = 1.0,
+    offset_mode: str = "uniform",
 ) -> tuple[grain.MapDataset, dict[str, Any]]:
     """This process's training batches as a ``grain.MapDataset`` (index-addressable, deterministic, endless).
 
@@ -195,7 +198,8 @@ def build_train_dataset(
     """
     rows = _check_rows(global_batch_size, rows)
     flip_axes = tuple(int(a) for a in flip_axes)
-    _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset, target_offset_prob)
+    _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, target_offset, target_offset_prob,
+                   offset_mode)
     store = _open(prepared_dir, crop_size)
     eligible = _eligible(store, min_crop_foreground, holdout_fraction, subset)
     records = tuple(r for _, r in eligible)
@@ -203,7 +207,7 @@ def build_train_dataset(
         store=store, records=records, record_ids=tuple(i for i, _ in eligible), crop_size=int(crop_size),
         normalization=normalization, ct_clip=ct_clip, on_bad_record=on_bad_record,
         min_crop_foreground=int(min_crop_foreground), flip_axes=flip_axes, target_offset=float(target_offset),
-        target_offset_prob=float(target_offset_prob),
+        target_offset_prob=float(target_offset_prob), offset_mode=offset_mode,
     )
     # random_map before the row selection: element e's sample is the same on every process layout, and two
     # processes never share an element's random stream.
@@ -219,6 +223,8 @@ def build_train_dataset(
         fingerprint["target_offset"] = float(target_offset)
         if target_offset_prob < 1.0:
             fingerprint["target_offset_prob"] = float(target_offset_prob)
+        if offset_mode != "uniform":
+            fingerprint["offset_mode"] = offset_mode
     return ds, fingerprint
 
 
@@ -310,6 +316,7 @@ def build_train_iterator(
     on_bad_record: str = "skip",
     target_offset: float = 0.0,
     target_offset_prob: float = 1.0,
+    offset_mode: str = "uniform",
 ) -> TrainIterator:
     """This process's share of the global training stream, as a checkpointable ``TrainIterator``.
 
@@ -335,6 +342,8 @@ def build_train_iterator(
             topology and a resumed run see the same crops). 0 (default): upstream's centred crop.
         target_offset_prob: in [0, 1]; the share of crops shifted when ``target_offset`` > 0 (the others stay
             centred). 1 (default): every crop.
+        offset_mode: ``"uniform"`` (default: a uniform shift within that room) or ``"target_voxel"`` (the crop
+            centred on one of the target's voxels, the shift clamped to that room, like ``predict``'s first window).
 
     Returns:
         An iterator of raw batch dicts (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw window, zero
@@ -346,7 +355,7 @@ def build_train_iterator(
         source, global_batch_size=global_batch_size, rows=rows, seed=seed, crop_size=crop_size,
         normalization=normalization, ct_clip=ct_clip, min_crop_foreground=min_crop_foreground, flip_axes=flip_axes,
         holdout_fraction=holdout_fraction, subset=subset, on_bad_record=on_bad_record, target_offset=target_offset,
-        target_offset_prob=target_offset_prob)
+        target_offset_prob=target_offset_prob, offset_mode=offset_mode)
     return TrainIterator(batches, fingerprint, worker_count=worker_count, read_threads=read_threads,
                          prefetch_batches=prefetch_batches)
 

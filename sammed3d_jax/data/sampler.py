@@ -23,8 +23,10 @@ stays centred; a window store's shift also stays inside its stored window). The 
 same as in the centred crop, so the memoised check still holds for them; a shifted image window that cannot be
 z-normalised (``per_volume``) falls back to the centred one (``WindowReader``). With ``target_offset_prob`` < 1, one
 more ``rng.random()`` after that draw keeps the crop centred with probability ``1 - target_offset_prob`` (the shifted
-crops are then the ones drawn with it at 1). With ``target_offset`` 0 nothing is drawn and the crops are the
-centred ones, bit for bit.
+crops are then the ones drawn with it at 1). ``offset_mode="target_voxel"`` centres the crop on one of the target's
+voxels instead (``u[0]`` picks one of up to ``TARGET_VOXELS`` of them, kept when the record is first checked), the
+shift clamped to the same range, so the crops resemble ``predict``'s windows, centred on a click in the target. With
+``target_offset`` 0 nothing is drawn and the crops are the centred ones, bit for bit.
 """
 
 import dataclasses
@@ -42,6 +44,8 @@ from sammed3d_jax.data import store as store_lib
 log = logging.getLogger(__name__)
 
 OK, SMALL, BAD = "ok", "small", "bad"
+OFFSET_MODES = ("uniform", "target_voxel")
+TARGET_VOXELS = 64  # target voxels kept per record as crop centres for ``offset_mode="target_voxel"``
 
 
 class EpochShuffle(grain.MapDataset):
@@ -126,6 +130,19 @@ def draw_offset(u: np.ndarray, lo: np.ndarray, hi: np.ndarray, fraction: float) 
     return np.minimum(a + np.floor(u * (b - a + 1)).astype(np.int64), b).astype(np.int32)
 
 
+def clamp_offset(shift: np.ndarray, lo: np.ndarray, hi: np.ndarray, fraction: float) -> np.ndarray:
+    """``shift`` clamped to ``[ceil(f*lo), floor(f*hi)]`` per axis (the range ``draw_offset`` draws from)."""
+    return np.clip(shift, np.ceil(fraction * lo), np.floor(fraction * hi)).astype(np.int32)
+
+
+def target_voxels(label: np.ndarray, crop_size: int, count: int = TARGET_VOXELS) -> np.ndarray:
+    """Up to ``count`` target voxels of the centred crop's ``label`` (evenly spaced in array order), as the shifts
+    (int32 [n, 3]) that centre the crop on each of them."""
+    found = np.argwhere(label > 0)
+    picked = found[np.unique(np.linspace(0, len(found) - 1, min(count, len(found))).astype(np.int64))]
+    return (picked - crop_size // 2).astype(np.int32)
+
+
 def image_problem(image: np.ndarray, ct_clipped: bool, normalization: str) -> str:
     """Why an image crop cannot be used ("" when it can): non-finite voxels, or (``per_volume``) what
     :func:`normalisation_problem` finds."""
@@ -172,6 +189,9 @@ class CropSampler(grain.transforms.RandomMap):
             (``offset_range``), drawn after the flips; 0 (default) = the centred crop, nothing drawn.
         target_offset_prob: in [0, 1]: the share of crops that are shifted (the others stay centred); 1 (default)
             draws nothing more, so the crops are those of a run without this option.
+        offset_mode: ``"uniform"`` (default): the shift is uniform within ``target_offset`` times the free room;
+            ``"target_voxel"``: the crop is centred on one of the target's voxels (``target_voxels``), the shift
+            then clamped to that same range, as ``predict`` centres its window on a click.
         max_draws: give up (RuntimeError) after this many unusable draws for one element.
     """
 
@@ -186,10 +206,12 @@ class CropSampler(grain.transforms.RandomMap):
     flip_axes: tuple[int, ...] = (0, 1, 2)
     target_offset: float = 0.0
     target_offset_prob: float = 1.0
+    offset_mode: str = "uniform"
     max_draws: int = 100
 
     def __post_init__(self):
         object.__setattr__(self, "_memo", {})
+        object.__setattr__(self, "_centres", {})
         object.__setattr__(self, "_memo_lock", threading.Lock())
 
     def __getstate__(self):
@@ -217,6 +239,8 @@ class CropSampler(grain.transforms.RandomMap):
             problem = normalisation_problem(image, clips(record, self.ct_clip))
             if problem:
                 return BAD, problem
+        if self.target_offset > 0 and self.offset_mode == "target_voxel":
+            self._centres[record.id] = target_voxels(label, self.crop_size)
         return OK, ""
 
     def status(self, index: int) -> str:
@@ -258,7 +282,12 @@ class CropSampler(grain.transforms.RandomMap):
             lo, hi = offset_range(self.records[index], self.crop_size, getattr(self.store, "window_size", None))
             u = rng.random(3)
             if self.target_offset_prob >= 1.0 or rng.random() < self.target_offset_prob:
-                offset = draw_offset(u, lo, hi, self.target_offset)
+                if self.offset_mode == "target_voxel":
+                    centres = self._centres[self.records[index].id]
+                    offset = clamp_offset(centres[min(int(u[0] * len(centres)), len(centres) - 1)], lo, hi,
+                                          self.target_offset)
+                else:
+                    offset = draw_offset(u, lo, hi, self.target_offset)
         return {
             "slot": np.array(index, np.int64),
             "record": np.array(self.record_ids[index], np.int32),

@@ -39,6 +39,7 @@ class DataSettings:
     prefetch_batches: int = 2
     target_offset: float = 0.0
     target_offset_prob: float = 1.0
+    offset_mode: str = "uniform"
 
 
 def to_step_input(host: dict[str, np.ndarray], stop: bool) -> dict[str, np.ndarray]:
@@ -74,7 +75,8 @@ class DataFeed:
             normalization=s.normalization, ct_clip=s.ct_clip, min_crop_foreground=s.min_crop_foreground,
             flip_axes=tuple(s.flip_axes), holdout_fraction=s.holdout_fraction, subset="train",
             worker_count=s.worker_count, read_threads=s.read_threads, prefetch_batches=s.prefetch_batches,
-            target_offset=s.target_offset, target_offset_prob=s.target_offset_prob)
+            target_offset=s.target_offset, target_offset_prob=s.target_offset_prob,
+            offset_mode=s.offset_mode)
 
     def position(self) -> dict[str, Any]:
         """The data position to store in a checkpoint (global, topology-free)."""

@@ -343,7 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
             holdout_fraction=config.validation.holdout_fraction, worker_count=d.worker_count,
             read_threads=d.read_threads, prefetch_batches=d.prefetch_batches,
             target_offset=float(d.get("target_offset", 0.0)),
-            target_offset_prob=float(d.get("target_offset_prob", 1.0)))
+            target_offset_prob=float(d.get("target_offset_prob", 1.0)),
+            offset_mode=str(d.get("offset_mode", "uniform")))
         feed = data_feed.DataFeed(run.prepared, settings, run.mesh, config.batch_size)
         if start:
             feed.restore(position, start)

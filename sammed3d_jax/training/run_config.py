@@ -113,6 +113,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     prob = float(config.data.get("target_offset_prob", 1.0))
     _check(p, 0.0 <= prob <= 1.0, "data.target_offset_prob",
            f"must be in [0, 1] (the share of crops shifted), got {prob}")
+    mode = str(config.data.get("offset_mode", "uniform"))
+    _check(p, mode in ("uniform", "target_voxel"), "data.offset_mode",
+           f"must be 'uniform' or 'target_voxel', got {mode!r}")
     profile = tuple(config.profile_steps)
     _check(p, profile == () or (len(profile) == 2 and 1 <= profile[0] <= profile[1]), "profile_steps",
            f"must be () or (first, last) with 1 <= first <= last, got {profile}")

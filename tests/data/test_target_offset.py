@@ -162,3 +162,31 @@ def test_offset_prob_shifts_that_share_of_crops_and_keeps_their_shifts(store):
     with pytest.raises(ValueError, match="target_offset_prob"):
         pipeline.build_train_dataset(str(store), crop_size=CROP, global_batch_size=1, rows=range(1), seed=0,
                                      target_offset=1.0, target_offset_prob=1.5)
+
+
+def test_target_voxel_mode_centres_each_shifted_crop_on_a_target_voxel(store):
+    label = np.zeros((CROP,) * 3, np.uint8)
+    label[3, 4, 5] = label[20, 9, 30] = 1
+    np.testing.assert_array_equal(sampler.target_voxels(label, CROP), [[3 - 16, 4 - 16, 5 - 16], [4, 9 - 16, 14]])
+    np.testing.assert_array_equal(sampler.clamp_offset(np.array([-13, -12, 14]), np.array([-4, -20, 0]),
+                                                       np.array([6, 2, 9]), 0.5), [-2, -10, 4])
+    off = _batches(store, n=6, target_offset=1.0, offset_mode="target_voxel")
+    _, records = cache.read_index(store)
+    moved = 0
+    for a in off:
+        for label, r, d in zip(a["label"], a["record"], a["offset"]):
+            rec = records[r]
+            lo, hi = sampler.offset_range(rec, CROP)
+            assert np.all(lo <= d) and np.all(d <= hi)  # the target's box stays inside
+            centred = transforms.apply_crop_or_pad(np.load(store / rec.label), sampler.crop_window(rec, CROP))
+            shifts = sampler.target_voxels(centred, CROP)
+            clamped = [sampler.clamp_offset(s, lo, hi, 1.0) for s in shifts]
+            assert any(np.array_equal(d, c) for c in clamped), (d, rec.id)  # centred on a target voxel, clamped
+            moved += bool(np.any(d))
+    assert moved >= 9
+    fingerprint = pipeline.build_train_dataset(str(store), crop_size=CROP, global_batch_size=3, rows=range(3), seed=5,
+                                               target_offset=1.0, offset_mode="target_voxel")[1]
+    assert fingerprint["offset_mode"] == "target_voxel"
+    with pytest.raises(ValueError, match="offset_mode"):
+        pipeline.build_train_dataset(str(store), crop_size=CROP, global_batch_size=1, rows=range(1), seed=0,
+                                     target_offset=1.0, offset_mode="gaussian")
