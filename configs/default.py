@@ -4,9 +4,12 @@ A synthetic dataset (sammed3d_jax.data.synthetic, 3 targets per case) is generat
 <workdir>/data, and the `small` model (64^3 crops, 4^3 token grid) trains from scratch in float32 with the upstream
 click loop (random prompt-less step, last step prompt-less, newest click only), AdamW with the x0.1 groups and
 weight decay 0.1, but without gradient accumulation and with a warmup + cosine lr so the curves move within minutes.
-Off-centre prompting is off, as upstream trains; README (*Prompts away from the target's centre*) gives the flags
-that turn it on (``model.num_point_embeddings=4``, ``data.target_offset``, ``clicks.box_first_step``) and what they
-did to this demo.
+Unlike upstream (and ``configs/sammed3d.py``), the demo trains for prompts away from the target's centre, as
+``predict`` uses it: each crop centred on one of the target's voxels (``data.target_offset=1.0``,
+``data.offset_mode="target_voxel"``; the target's box stays inside) and a quarter of the interactions starting from
+the target's bounding box (``clicks.box_first_step=0.25``, which needs the box-corner embeddings,
+``model.num_point_embeddings=4``). README (*Prompts away from the target's centre*) says what that does to the demo;
+``--config.data.target_offset=0 --config.clicks.box_first_step=0`` trains as upstream does.
 Derived from configs/common.py by override.
 """
 
@@ -25,6 +28,10 @@ def get_config(arg=None):
     c.model.variant = "small"
     c.model.dtype = "float32"  # CPU: bfloat16 matmuls are emulated and slower.
     c.model.remat_encoder_blocks = False
+    c.model.num_point_embeddings = 4  # Box-capable: the corner embeddings 2 and 3 (box_first_step below).
+    c.data.target_offset = 1.0
+    c.data.offset_mode = "target_voxel"
+    c.clicks.box_first_step = 0.25
     c.data.synthetic_cases = a.cases
     c.batch_size = 4
     c.total_steps = a.steps

@@ -55,7 +55,7 @@ import numpy as np
 
 from sammed3d_jax.data import cache, transforms
 from sammed3d_jax.data import store as store_lib
-from sammed3d_jax.data.sampler import OFFSET_MODES, OK, CropSampler, EpochShuffle, WindowReader, clips
+from sammed3d_jax.data.sampler import OK, CropSampler, EpochShuffle, WindowReader, clips, offset_problem
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,9 @@ def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, 
         raise ValueError(f"crop_size must be positive, got {crop_size}")
     if not set(flip_axes) <= {0, 1, 2}:
         raise ValueError(f"flip_axes must be spatial axes 0, 1, 2, got {flip_axes}")
-    if not 0.0 <= target_offset <= 1.0:
-        raise ValueError(f"target_offset must be in [0, 1] (a fraction of the free room around the target), "
-                         f"got {target_offset}")
-    if not 0.0 <= target_offset_prob <= 1.0:
-        raise ValueError(f"target_offset_prob must be in [0, 1] (the share of crops shifted), got {target_offset_prob}")
-    if offset_mode not in OFFSET_MODES:
-        raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
+    problem = offset_problem(target_offset, target_offset_prob, offset_mode)
+    if problem:
+        raise ValueError(problem)
 
 
 def build_train_dataset(
@@ -219,12 +215,7 @@ def build_train_dataset(
                        global_batch_size=int(global_batch_size), crop_size=int(crop_size),
                        normalization=normalization, ct_clip=ct_clip, min_crop_foreground=int(min_crop_foreground),
                        flip_axes=list(flip_axes), holdout_fraction=float(holdout_fraction), subset=subset)
-    if target_offset:  # Only when on, so the fingerprints of runs without it stay as they were.
-        fingerprint["target_offset"] = float(target_offset)
-        if target_offset_prob < 1.0:
-            fingerprint["target_offset_prob"] = float(target_offset_prob)
-        if offset_mode != "uniform":
-            fingerprint["offset_mode"] = offset_mode
+    fingerprint.update(sampler.offset_fingerprint())
     return ds, fingerprint
 
 
@@ -337,13 +328,9 @@ def build_train_iterator(
             processes. The batches are identical either way.
         read_threads, prefetch_batches: threads and buffered batches of ``to_iter_dataset`` (per process).
         on_bad_record: "skip" (default: log, count, redraw) or "raise".
-        target_offset: in [0, 1]; > 0 shifts each crop off-centre by up to this fraction of the free room around
-            the target (the target's bounding box stays inside; drawn from the element's own generator, so every
-            topology and a resumed run see the same crops). 0 (default): upstream's centred crop.
-        target_offset_prob: in [0, 1]; the share of crops shifted when ``target_offset`` > 0 (the others stay
-            centred). 1 (default): every crop.
-        offset_mode: ``"uniform"`` (default: a uniform shift within that room) or ``"target_voxel"`` (the crop
-            centred on one of the target's voxels, the shift clamped to that room, like ``predict``'s first window).
+        target_offset, target_offset_prob, offset_mode: off-centre crops (not upstream), as ``sampler.CropSampler``
+            draws them from the element's own generator (every topology and a resumed run see the same crops);
+            ``target_offset`` 0 (default): upstream's centred crop.
 
     Returns:
         An iterator of raw batch dicts (n = ``len(rows)``): ``image`` float32 [n,S,S,S,1] (the raw window, zero

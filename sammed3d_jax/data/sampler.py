@@ -130,6 +130,17 @@ def draw_offset(u: np.ndarray, lo: np.ndarray, hi: np.ndarray, fraction: float) 
     return np.minimum(a + np.floor(u * (b - a + 1)).astype(np.int64), b).astype(np.int32)
 
 
+def offset_problem(target_offset: float, target_offset_prob: float, offset_mode: str) -> str:
+    """Why these off-centre options are invalid ("" when they are valid)."""
+    if not 0.0 <= target_offset <= 1.0:
+        return f"target_offset must be in [0, 1] (a fraction of the free room around the target), got {target_offset}"
+    if not 0.0 <= target_offset_prob <= 1.0:
+        return f"target_offset_prob must be in [0, 1] (the share of crops shifted), got {target_offset_prob}"
+    if offset_mode not in OFFSET_MODES:
+        return f"offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}"
+    return ""
+
+
 def clamp_offset(shift: np.ndarray, lo: np.ndarray, hi: np.ndarray, fraction: float) -> np.ndarray:
     """``shift`` clamped to ``[ceil(f*lo), floor(f*hi)]`` per axis (the range ``draw_offset`` draws from)."""
     return np.clip(shift, np.ceil(fraction * lo), np.floor(fraction * hi)).astype(np.int32)
@@ -221,6 +232,14 @@ class CropSampler(grain.transforms.RandomMap):
         for name, value in state.items():
             object.__setattr__(self, name, value)
         self.__post_init__()
+
+    def offset_fingerprint(self) -> dict[str, Any]:
+        """The off-centre options for the data fingerprint; only those set, so runs without them keep theirs."""
+        if not self.target_offset:
+            return {}
+        return {"target_offset": float(self.target_offset),
+                **({"target_offset_prob": float(self.target_offset_prob)} if self.target_offset_prob < 1.0 else {}),
+                **({"offset_mode": self.offset_mode} if self.offset_mode != "uniform" else {})}
 
     def _check(self, record: cache.PreparedRecord) -> tuple[str, str]:
         window = crop_window(record, self.crop_size)

@@ -99,8 +99,10 @@ def _default_config(**overrides):
 
 
 def test_config_errors():
-    run_config.validate(_default_config())  # the demo: both options off
-    assert run_config.step_config(_default_config()).box_first_step == 0.0
+    run_config.validate(_default_config())  # the demo: both options on
+    assert run_config.step_config(_default_config()).box_first_step == 0.25
+    upstream = {"data.target_offset": 0.0, "clicks.box_first_step": 0.0, "model.num_point_embeddings": 2}
+    run_config.validate(_default_config(**upstream))  # README's flags for the demo as upstream trains
     on = {"model.num_point_embeddings": 4, "clicks.box_first_step": 0.5, "data.target_offset": 1.0}
     run_config.validate(_default_config(**on))  # the README's off-centre run
     assert run_config.step_config(_default_config(**on)).box_first_step == 0.5
