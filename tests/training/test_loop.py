@@ -24,7 +24,8 @@ from sammed3d_jax.training.loop import train_and_evaluate
 from config_files import load_config
 from train_helpers import FAST_COMPILE
 
-TINY = ModelConfig.variant("tiny", dtype="float32", remat_encoder_blocks=False)
+# The default recipe (the demo) trains a box-capable model: 4 point embeddings.
+TINY = ModelConfig.variant("tiny", dtype="float32", remat_encoder_blocks=False, num_point_embeddings=4)
 
 
 def _tiny_config(prepared, **overrides):
