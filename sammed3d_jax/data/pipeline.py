@@ -55,7 +55,8 @@ import numpy as np
 
 from sammed3d_jax.data import cache, transforms
 from sammed3d_jax.data import store as store_lib
-from sammed3d_jax.data.sampler import OK, CropSampler, EpochShuffle, WindowReader, clips, offset_problem
+from sammed3d_jax.data.offsets import offset_problems
+from sammed3d_jax.data.sampler import OK, CropSampler, EpochShuffle, WindowReader, clips
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,9 @@ def _check_options(normalization, ct_clip, on_bad_record, crop_size, flip_axes, 
         raise ValueError(f"crop_size must be positive, got {crop_size}")
     if not set(flip_axes) <= {0, 1, 2}:
         raise ValueError(f"flip_axes must be spatial axes 0, 1, 2, got {flip_axes}")
-    problem = offset_problem(target_offset, target_offset_prob, offset_mode)
-    if problem:
-        raise ValueError(problem)
+    problems = offset_problems(target_offset, target_offset_prob, offset_mode)
+    if problems:
+        raise ValueError(" ".join(problems[0]))
 
 
 def build_train_dataset(

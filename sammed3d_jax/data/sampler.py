@@ -44,7 +44,6 @@ from sammed3d_jax.data import store as store_lib
 log = logging.getLogger(__name__)
 
 OK, SMALL, BAD = "ok", "small", "bad"
-OFFSET_MODES = ("uniform", "target_voxel")
 TARGET_VOXELS = 64  # target voxels kept per record as crop centres for ``offset_mode="target_voxel"``
 
 
@@ -128,17 +127,6 @@ def draw_offset(u: np.ndarray, lo: np.ndarray, hi: np.ndarray, fraction: float) 
     a = np.ceil(fraction * lo).astype(np.int64)
     b = np.floor(fraction * hi).astype(np.int64)
     return np.minimum(a + np.floor(u * (b - a + 1)).astype(np.int64), b).astype(np.int32)
-
-
-def offset_problem(target_offset: float, target_offset_prob: float, offset_mode: str) -> str:
-    """Why these off-centre options are invalid ("" when they are valid)."""
-    if not 0.0 <= target_offset <= 1.0:
-        return f"target_offset must be in [0, 1] (a fraction of the free room around the target), got {target_offset}"
-    if not 0.0 <= target_offset_prob <= 1.0:
-        return f"target_offset_prob must be in [0, 1] (the share of crops shifted), got {target_offset_prob}"
-    if offset_mode not in OFFSET_MODES:
-        return f"offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}"
-    return ""
 
 
 def clamp_offset(shift: np.ndarray, lo: np.ndarray, hi: np.ndarray, fraction: float) -> np.ndarray:

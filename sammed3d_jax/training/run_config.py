@@ -5,7 +5,7 @@
 naming the ``--config.`` key) and :func:`near_keys` (the valid keys close to a misspelt one). It also sorts keys into
 the *recipe* (what the run learns: model, optimizer, clicks, loss, data sampling, seed, batch) and the *run*
 settings (how and where it runs: steps, topology, logging, checkpoints), which resume treats differently.
-Must not import data/ or the loop.
+Must not import the data pipeline (only its dependency-free ``data.offsets``) or the loop.
 """
 
 import difflib
@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from sammed3d_jax.cluster import DistributedOptions
+from sammed3d_jax.data import offsets
 from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.training import optim, step as step_lib
 
@@ -107,15 +108,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be in [0, 1), got {config.validation.holdout_fraction}")
     _check(p, not config.validation.every_steps or config.validation.holdout_fraction > 0,
            "validation.holdout_fraction", "must be > 0 when validation.every_steps is set (no held-out cases)")
-    offset = float(config.data.get("target_offset", 0.0))
-    _check(p, 0.0 <= offset <= 1.0, "data.target_offset", f"must be in [0, 1] (a fraction of the free room around "
-           f"the target; 0 = upstream's centred crop), got {offset}")
-    prob = float(config.data.get("target_offset_prob", 1.0))
-    _check(p, 0.0 <= prob <= 1.0, "data.target_offset_prob",
-           f"must be in [0, 1] (the share of crops shifted), got {prob}")
-    mode = str(config.data.get("offset_mode", "uniform"))
-    _check(p, mode in ("uniform", "target_voxel"), "data.offset_mode",
-           f"must be 'uniform' or 'target_voxel', got {mode!r}")
+    for name, problem in offsets.offset_problems(float(config.data.get("target_offset", 0.0)),
+                                                 float(config.data.get("target_offset_prob", 1.0)),
+                                                 str(config.data.get("offset_mode", "uniform"))):
+        p.append(f"--config.data.{name}: {problem}")
     profile = tuple(config.profile_steps)
     _check(p, profile == () or (len(profile) == 2 and 1 <= profile[0] <= profile[1]), "profile_steps",
            f"must be () or (first, last) with 1 <= first <= last, got {profile}")

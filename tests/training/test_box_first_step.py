@@ -116,7 +116,7 @@ def test_config_errors():
         run_config.validate(_default_config(**{"data.target_offset": -0.1}))
     with pytest.raises(ValueError, match=r"--config.data.target_offset_prob: must be in \[0, 1\]"):
         run_config.validate(_default_config(**{"data.target_offset": 1.0, "data.target_offset_prob": 2.0}))
-    with pytest.raises(ValueError, match=r"--config.data.offset_mode: must be 'uniform' or 'target_voxel'"):
+    with pytest.raises(ValueError, match=r"--config.data.offset_mode: must be one of 'uniform', 'target_voxel'"):
         run_config.validate(_default_config(**{"data.offset_mode": "gaussian"}))
     loss = functools.partial(step_lib.interactive_loss, model=Sam3D(ModelConfig.variant("tiny")),
                              cfg=step_lib.StepConfig(max_clicks=1, min_clicks=1, box_first_step=0.5))
