@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --mode gpu         # accelerator: batch 12, 1 and 11 clicks, bfloat16
     python benchmarks/train_step.py --mode gpu --json out.json --steps 20
     python benchmarks/train_step.py --scan on          # only the scanned encoder (default: both, to compare)
+    python benchmarks/train_step.py --compile-only --clicks 1 --restart   # + the restart from the compile cache
 
 Each (clicks, scan) configuration runs in its own subprocess so that its peak memory is its own: on an accelerator the
 peak is ``jax.Device.memory_stats()["peak_bytes_in_use"]``, on CPU the process's ``ru_maxrss``. The step is the
@@ -12,6 +13,9 @@ AdamW with 20-step accumulation, ``min_clicks = max_clicks = clicks`` (every ste
 click scan and (GPU mode) of the encoder blocks. The batch is random data with a box target, already on device, so
 the data pipeline is not measured. ``--scan both`` (the default) runs every configuration with the encoder blocks
 unrolled and as a scan over block groups (``ModelConfig.scan_encoder_blocks``) and prints both compile times.
+``--restart`` (with ``--compile-only``) compiles each configuration into a fresh persistent compilation cache, then
+again in a new process reading it, as a pre-empted ``train.py`` restarting with its cache (on by default) does, and
+prints both times: cold compile and restart.
 Prints a table; not a test. Targets (one H200): >= 500 samples/s at 1
 click, >= 300 at 11 clicks, peak <= 8 GiB; upstream PyTorch: 33.6-33.9 samples/s / 63.5 GiB at 1 click.
 """
@@ -23,6 +27,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 MODES = {
@@ -56,6 +61,10 @@ def run_one(args) -> dict:
     batch = setup_lib.place_batch(setup_lib.synthetic_batch(b, s), mesh)
     key = parallel.put_replicated(jax.random.key(1), mesh)
 
+    if args.cache_dir:  # Before the first compilation.
+        from sammed3d_jax import compile_cache
+
+        compile_cache.enable(args.cache_dir)
     t0, c0 = time.perf_counter(), time.process_time()
     fn = fn.lower(state, batch, key).compile()  # Trace + XLA compilation, timed on their own.
     # CPU seconds of this process too: on a shared machine they depend far less on the load than wall time.
@@ -64,7 +73,7 @@ def run_one(args) -> dict:
         return {"variant": args.variant, "image_size": s, "batch": b, "clicks": args.clicks, "dtype": args.dtype,
                 "scan_blocks": cfg.scan_encoder_blocks, "compiler_options": options, "compile_s": round(compile_s, 2),
                 "compile_cpu_s": round(compile_cpu_s, 2), "device": jax.default_backend(),
-                "jax": jax.__version__}
+                "jax": jax.__version__, "cache": bool(args.cache_dir)}
     t0 = time.perf_counter()
     state, metrics = fn(state, batch, key)
     jax.block_until_ready(metrics)
@@ -97,6 +106,17 @@ def run_one(args) -> dict:
     }
 
 
+def _run_config(cmd: list[str]) -> dict:
+    """Runs one configuration's subprocess; its RESULT, or ``{"error": output tail}`` (the tail is printed)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        print(f"  FAILED (exit {proc.returncode}):\n{tail}", flush=True)
+        return {"error": tail[-500:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=sorted(MODES), default="cpu")
@@ -112,6 +132,9 @@ def main() -> None:
     parser.add_argument("--compile-only", action="store_true", help="only trace and compile the step (compile times)")
     parser.add_argument("--compiler-options", help="XLA options of the step as JSON, e.g. configs/default.py's CPU "
                         "'{\"xla_backend_optimization_level\": 1, \"xla_llvm_disable_expensive_passes\": true}'")
+    parser.add_argument("--restart", action="store_true", help="with --compile-only: compile each configuration "
+                        "into a fresh compilation cache, then time a new process that loads it (a restart)")
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)  # Internal: the persistent cache of one process.
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)  # Internal: run one config here.
     args = parser.parse_args()
@@ -121,6 +144,8 @@ def main() -> None:
     args.steps = args.steps or mode["steps"]
     args.warmup = mode["warmup"]
     args.remat_encoder = mode["remat_encoder"] and not args.no_remat_encoder
+    if args.restart and not args.compile_only:
+        parser.error("--restart needs --compile-only")
     if args._one:
         args.clicks = args.clicks[0]
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -138,17 +163,19 @@ def main() -> None:
                        ["--compile-only"] if args.compile_only else [])
             print(f"running {args.variant} batch {args.batch} clicks {clicks} {args.dtype} scan {scan} ...",
                   flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                tail = (proc.stdout + proc.stderr)[-3000:]
-                print(f"  FAILED (exit {proc.returncode}):\n{tail}", flush=True)
-                results.append({"clicks": clicks, "batch": args.batch, "scan_blocks": scan == "on",
-                                "error": tail[-500:]})
-            else:
-                results.append(json.loads(lines[-1][len("RESULT "):]))
-                print(f"  compile {results[-1]['compile_s']:.1f} s wall, {results[-1]['compile_cpu_s']:.1f} s CPU",
-                      flush=True)
+            with tempfile.TemporaryDirectory(prefix="train_step_cache_") as cache:
+                if args.restart:
+                    cmd += ["--cache-dir", cache]
+                result = _run_config(cmd)
+                if args.restart and "error" not in result:
+                    again = _run_config(cmd)  # A new process: the step comes from the cache the first one wrote.
+                    result.update(restart_s=again.get("compile_s"), restart_cpu_s=again.get("compile_cpu_s"),
+                                  **({"error": again["error"]} if "error" in again else {}))
+            results.append({"clicks": clicks, "batch": args.batch, "scan_blocks": scan == "on", **result})
+            if "error" not in result:
+                print(f"  compile {result['compile_s']:.1f} s wall, {result['compile_cpu_s']:.1f} s CPU"
+                      + (f"; restart from the cache {result['restart_s']:.1f} s wall, {result['restart_cpu_s']:.1f} s"
+                         " CPU" if args.restart else ""), flush=True)
             if args.json:  # After every configuration, so that a time limit loses only the one running.
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=2)
@@ -157,7 +184,8 @@ def main() -> None:
         for r in results:
             print(f"clicks {r['clicks']:>3}  scan {'on ' if r['scan_blocks'] else 'off'}  "
                   + (f"compile {r['compile_s']:.1f} s wall, {r['compile_cpu_s']:.1f} s CPU" if "error" not in r
-                     else "FAILED"))
+                     else "FAILED") + (f"; restart {r['restart_s']:.1f} s wall, {r['restart_cpu_s']:.1f} s CPU"
+                                       if "restart_s" in r and "error" not in r else ""))
         for clicks in dict.fromkeys(r["clicks"] for r in ok):
             pair = {r["scan_blocks"]: r for r in ok if r["clicks"] == clicks}
             if len(pair) == 2:
