@@ -7,7 +7,10 @@
 Every mistake (a bad flag or config value, a misspelt --config. key, a workdir that already holds a run) ends with
 one line on stderr and a non-zero status; a run stopped by SIGTERM/SIGINT saves a checkpoint first and says how to
 resume. On --resume the run's stored config is used, with any --config. overrides on top (a recipe change needs
---allow_recipe_change); an explicit --config file replaces it.
+--allow_recipe_change); an explicit --config file replaces it. JAX's persistent compilation cache is on
+(``--cache_dir``, default ``$SAMMED3D_JAX_CACHE`` or ``~/.cache/sammed3d_jax/jax``; ``--nocompilation_cache`` turns it
+off), so a restarted run loads its compiled steps; on machines that are lost when pre-empted give a folder that
+outlives them (``gs://...``; the cache is trusted code, so only one the job's owner alone can write).
 """
 
 import os
@@ -22,6 +25,10 @@ _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"), "Run 
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the checkpoints in --workdir.")
 _ALLOW_RECIPE_CHANGE = flags.DEFINE_bool("allow_recipe_change", False,
                                          "On --resume, accept changed model/optimizer/click/data settings.")
+_COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "Use JAX's persistent compilation cache: a "
+                                       "restarted run loads its compiled steps (--nocompilation_cache: off).")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Persistent compilation cache folder, local or gs://... (default "
+                                                  "$SAMMED3D_JAX_CACHE or ~/.cache/sammed3d_jax/jax).")
 
 
 def _valid_keys(argv) -> list[str]:
@@ -73,7 +80,8 @@ def main(argv):
     from sammed3d_jax import cli
 
     if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {argv[1:]} (options are --config, --config.KEY=VALUE, --workdir, --resume)")
+        cli.fail(f"unexpected arguments: {argv[1:]} (options are --config, --config.KEY=VALUE, --workdir, --resume, "
+                 "--[no]compilation_cache, --cache_dir)")
     cli.quiet_library_logs()
     cli.guarded(_train)()
 
@@ -82,7 +90,7 @@ def _train():
     import jax
     from ml_collections import config_flags as cf
 
-    from sammed3d_jax import cli
+    from sammed3d_jax import cli, compile_cache
     from sammed3d_jax.checkpoint.orbax_io import run_path
     from sammed3d_jax.training import preemption, run_record
 
@@ -97,9 +105,10 @@ def _train():
             config.resume = True
     # CPU collectives between processes (multi-process CPU runs); accelerators use their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    cache_dir = compile_cache.configure(_COMPILATION_CACHE.value, _CACHE_DIR.value or None)  # Before any compile.
     from sammed3d_jax.training.loop import train_and_evaluate
 
-    logging.info("workdir %s", workdir)
+    logging.info("workdir %s; compilation cache %s", workdir, cache_dir or "off")
     try:
         train_and_evaluate(config, str(workdir), allow_recipe_change=_ALLOW_RECIPE_CHANGE.value)
     except preemption.RunStopped as stopped:

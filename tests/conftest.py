@@ -1,14 +1,21 @@
 """Test set-up: CPU backend with 8 fake devices (set before jax is imported), float32 matmuls, jaxtyping checks, and
 the ``dev_package`` fixture for optional test-only imports."""
 
+import atexit
 import importlib
 import os
+import shutil
+import tempfile
 
 # Cheaper LLVM passes: the suite is dominated by CPU compilation of small programs, and these flags halve it
 # without changing any arithmetic.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=1").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The command-line tools' persistent compilation cache (on by default): a folder of this session, not the user's.
+if "SAMMED3D_JAX_CACHE" not in os.environ:
+    os.environ["SAMMED3D_JAX_CACHE"] = tempfile.mkdtemp(prefix="sammed3d_jax_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["SAMMED3D_JAX_CACHE"], ignore_errors=True)
 
 import pathlib  # noqa: E402
 

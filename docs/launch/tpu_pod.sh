@@ -5,7 +5,8 @@
 set -euo pipefail
 TPU=${TPU:?name of the TPU VM}; ZONE=${ZONE:?zone}; BUCKET=${BUCKET:?gs://bucket}
 RUN=$BUCKET/runs/sammed3d
-CMD="cd ~/sammed3d_jax && python train.py --config configs/sammed3d.py --workdir $RUN \
+# The compilation cache on Cloud Storage too: it outlives the VMs, so a restarted job loads its compiled step.
+CMD="cd ~/sammed3d_jax && python train.py --config configs/sammed3d.py --workdir $RUN --cache_dir=$BUCKET/jax_cache \
   --config.data.prepared_dir=$BUCKET/prepared --config.distributed.expect_devices=256 \
   --config.batch_size=256 --config.sharding.mesh='((\"data\",-1),)'"
 # Resume after a pre-emption: the same command with --resume (the run's stored config is used).

@@ -23,6 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sammed3d_jax import cluster, parallel, writers
+from sammed3d_jax.compile_cache import CompileClock
 from sammed3d_jax.checkpoint import orbax_io
 from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.training import (data_feed, observe, preemption, run_config, run_record, setup as setup_lib,
@@ -225,7 +226,8 @@ def train_steps(run: Run, state: Any, start: int, feed: data_feed.DataFeed, mana
             batch, waited = feed.next(signals.requested)
             if timer is None:  # The first step compiles; its FLOP count comes from the same compilation.
                 t0 = time.perf_counter()
-                flops = setup_lib.compiled_flops(train_fn, state, batch, train_key)
+                with CompileClock() as clock:
+                    flops = setup_lib.compiled_flops(train_fn, state, batch, train_key)
                 parallel.barrier("train step compiled")  # Compile times differ; the step's collectives must not.
             state, metrics = train_fn(state, batch, train_key)
             pending.append(metrics)
@@ -233,7 +235,8 @@ def train_steps(run: Run, state: Any, start: int, feed: data_feed.DataFeed, mana
             profile.after_step(step, metrics)
             if timer is None:
                 jax.block_until_ready(metrics)
-                log.info("first step (compilation included) took %.1f s", time.perf_counter() - t0)
+                hits = f" ({clock.cache_hits} programs from the compilation cache)" if clock.cache_hits else ""
+                log.info("first step took %.1f s, compiling %.1f s%s", time.perf_counter() - t0, clock.compile_s, hits)
                 timer = observe.StepTimer(config.batch_size, jax.device_count(), flops, observe.peak_flops(
                     jax.devices()[0].device_kind, config.observe.peak_tflops))
             else:

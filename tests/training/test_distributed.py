@@ -5,8 +5,8 @@ A 2-process x 2-device run is pre-empted with SIGTERM to both processes, saves a
 as 1 process x 4 devices; it ends with the params and losses of an uninterrupted 2 x 2 run. Params are exported
 from 1 and 2 processes; metrics are written once. Also: a kill during an async save leaves nothing that restore
 would pick up. (On 2 cores every process compiles the step, so the jobs run one after another. They share a
-persistent compilation cache, but only process 0 writes it and its keys differ per process, so of the second 2 x 2
-job only process 0 reuses entries; the step is compiled afresh by each job, about a minute each.)
+persistent compilation cache (train.py's ``--cache_dir``), but only process 0 writes it and its keys differ per
+process, so of the second 2 x 2 job only process 0 loads its step from it, which the test checks.)
 """
 
 import json
@@ -55,14 +55,14 @@ class Job:
         cache = tmp / "jax_cache"
         for p in range(processes):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
-            env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
             if processes > 1:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                            JAX_PROCESS_ID=str(p))
             with open(self.logs[p], "w") as log:
-                self.procs.append(subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], env=env,
+                self.procs.append(subprocess.Popen([sys.executable, str(REPO / "train.py"), *args,
+                                                    f"--cache_dir={cache}"], env=env,
                                                    stdout=log, stderr=subprocess.STDOUT, cwd=tmp))
 
     def signal(self, sig: int) -> None:
@@ -120,6 +120,9 @@ def test_preempted_2x2_resumes_as_1x4_like_an_uninterrupted_run(tmp_path, prepar
     _assert_ok(as_1x4, codes)
     assert f"resumed from step {stopped}" in as_1x4.output()
     assert "1 process(es) x 4 local device(s)" in as_1x4.output()
+    # train.py's compilation cache (--cache_dir): the same job started again loads its step on process 0.
+    assert "programs from the compilation cache" not in outputs[0]
+    assert "programs from the compilation cache)" in ref.output(0), ref.output(0)[-3000:]
 
     ref_params, _, ref_meta = load_params(reference / "params")  # Exported by 2 processes.
     ref_steps = _steps(reference)
