@@ -19,7 +19,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from sammed3d_jax import cli
+from sammed3d_jax import cli, compile_cache
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "sammed3d_jax", "evaluation", "config.py")
@@ -36,10 +36,7 @@ def _define_flags() -> None:
     FLAGS["data"] = flags.DEFINE_list("data", [], "Dataset folders or manifest .json files (default: the training "
                                                   "run's data).")
     FLAGS["out"] = flags.DEFINE_string("out", "", "Output folder (default: <checkpoint>/eval; ./eval for a file).")
-    FLAGS["compilation_cache"] = flags.DEFINE_bool("compilation_cache", True, "Use JAX's persistent compilation "
-                                                   "cache (--nocompilation_cache: off).")
-    FLAGS["cache_dir"] = flags.DEFINE_string("cache_dir", "", "Persistent compilation cache folder (default "
-                                                              "$SAMMED3D_JAX_CACHE or ~/.cache/sammed3d_jax/jax).")
+    FLAGS["cache"] = compile_cache.define_absl_flags()
 
 
 def _default_config():
@@ -69,10 +66,9 @@ def main(argv):
     ckpt = epath.Path(checkpoint)
     out = FLAGS["out"].value or os.fspath((ckpt if ckpt.is_dir() else epath.Path(".")) / "eval")
     _check_paths(checkpoint, data, out)
-    from sammed3d_jax import compile_cache
     from sammed3d_jax.evaluation import runner
 
-    cache_dir = compile_cache.configure(FLAGS["compilation_cache"].value, FLAGS["cache_dir"].value or None)
+    cache_dir = compile_cache.from_absl(FLAGS["cache"])
     summary = runner.evaluate(config, checkpoint, data or None, out, cache_dir)
     if summary["counts"]["scored"] == 0:
         counts = summary["counts"]

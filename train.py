@@ -10,7 +10,7 @@ resume. On --resume the run's stored config is used, with any --config. override
 --allow_recipe_change); an explicit --config file replaces it. JAX's persistent compilation cache is on
 (``--cache_dir``, default ``$SAMMED3D_JAX_CACHE`` or ``~/.cache/sammed3d_jax/jax``; ``--nocompilation_cache`` turns it
 off), so a restarted run loads its compiled steps; on machines that are lost when pre-empted give a folder that
-outlives them (``gs://...``; the cache is trusted code, so only one the job's owner alone can write).
+outlives them (``gs://...``; the cache is run as code, so use a folder only the job's owner can write).
 """
 
 import os
@@ -19,16 +19,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sammed3d_jax import compile_cache
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"), "Run directory (local or gs://...).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the checkpoints in --workdir.")
 _ALLOW_RECIPE_CHANGE = flags.DEFINE_bool("allow_recipe_change", False,
                                          "On --resume, accept changed model/optimizer/click/data settings.")
-_COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "Use JAX's persistent compilation cache: a "
-                                       "restarted run loads its compiled steps (--nocompilation_cache: off).")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Persistent compilation cache folder, local or gs://... (default "
-                                                  "$SAMMED3D_JAX_CACHE or ~/.cache/sammed3d_jax/jax).")
+_CACHE = compile_cache.define_absl_flags()
 
 
 def _valid_keys(argv) -> list[str]:
@@ -90,7 +89,7 @@ def _train():
     import jax
     from ml_collections import config_flags as cf
 
-    from sammed3d_jax import cli, compile_cache
+    from sammed3d_jax import cli
     from sammed3d_jax.checkpoint.orbax_io import run_path
     from sammed3d_jax.training import preemption, run_record
 
@@ -105,7 +104,7 @@ def _train():
             config.resume = True
     # CPU collectives between processes (multi-process CPU runs); accelerators use their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    cache_dir = compile_cache.configure(_COMPILATION_CACHE.value, _CACHE_DIR.value or None)  # Before any compile.
+    cache_dir = compile_cache.from_absl(_CACHE)  # Before any compilation.
     from sammed3d_jax.training.loop import train_and_evaluate
 
     logging.info("workdir %s; compilation cache %s", workdir, cache_dir or "off")

@@ -54,6 +54,22 @@ def configure(enabled: bool, cache_dir: str | None = None) -> str | None:
     return enable(cache_dir) if enabled else None
 
 
+def define_absl_flags() -> tuple:
+    """``--[no]compilation_cache`` and ``--cache_dir`` for an absl command; returns their holders for ``from_absl``."""
+    from absl import flags
+
+    return (flags.DEFINE_bool("compilation_cache", True, "Use JAX's persistent compilation cache: a second run "
+                              "loads its compiled programs (--nocompilation_cache: off)."),
+            flags.DEFINE_string("cache_dir", "", f"Persistent compilation cache folder, local or gs://... (default "
+                                f"${CACHE_ENV} or ~/.cache/sammed3d_jax/jax)."))
+
+
+def from_absl(holders: tuple) -> str | None:
+    """Applies the flags of ``define_absl_flags``; returns the cache folder, or None when it is off."""
+    enabled, folder = holders
+    return configure(enabled.value, folder.value or None)
+
+
 def add_argparse_flags(parser) -> None:
     """``--cache-dir DIR`` and ``--no-compilation-cache`` for an argparse command."""
     parser.add_argument("--cache-dir", default="", help=f"persistent compilation cache folder (default ${CACHE_ENV} "

@@ -23,8 +23,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sammed3d_jax import cluster, parallel, writers
-from sammed3d_jax.compile_cache import CompileClock
 from sammed3d_jax.checkpoint import orbax_io
+from sammed3d_jax.compile_cache import CompileClock
 from sammed3d_jax.model.config import ModelConfig
 from sammed3d_jax.training import (data_feed, observe, preemption, run_config, run_record, setup as setup_lib,
                                    state as state_lib, validation)
